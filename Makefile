@@ -1,0 +1,30 @@
+# The README's two commands: `make serve` and `make test`. The Dockerfile runs the same
+# install commands (tests/test_deploy.py keeps the two in step).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 is a CPU wheel on local disk here; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/default.yaml
+
+.PHONY: install serve test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --no-cache-dir "$(TORCH_SPEC)"
+	$(PY) -m pip install --no-cache-dir -e ".[test]"
+	touch $@
+
+serve: install
+	$(VENV)/bin/dgserve --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/dgserve bench --config $(CONFIG) --prompts bench/prompts.jsonl --max-tokens 128 --json bench/results.json --plot bench/results.png
+
+clean:
+	rm -rf $(VENV)

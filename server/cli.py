@@ -1,0 +1,90 @@
+"""`dgserve` command line: serve (default) or `dgserve bench ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+
+from server.config import ConfigError, ServerConfig, load_config
+
+log = logging.getLogger("dgserve")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dgserve", description="OpenAI-compatible diffusion-style Gemma server. "
+                                "Every config key can also come from an env var DGSERVE_<KEY>.")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--model", help="built-in name, .gguf file, local directory or hub id")
+    p.add_argument("--served-model-name", dest="served_model_name")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device")
+    p.add_argument("--sampler", choices=["ar", "parallel", "diffusion"])
+    p.add_argument("--api-key", dest="api_key")
+    p.add_argument("--log-level", dest="log_level")
+    return p
+
+
+def _serve(config: ServerConfig) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(config)
+    state = app.state.dg
+
+    class DrainingServer(uvicorn.Server):
+        """First SIGTERM/SIGINT: stop taking work, let in-flight requests finish (up to
+        shutdown_grace_s), then exit 0. A second signal exits at once."""
+
+        draining = False
+
+        def handle_exit(self, sig: int, frame: object) -> None:  # type: ignore[override]
+            if self.draining or state.engine is None:
+                return super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            self.draining = True
+            state.draining = True
+            state.engine.stop_accepting()
+            log.info("signal %s: draining for up to %.0f s", sig, config.shutdown_grace_s)
+            threading.Thread(target=self._drain, daemon=True).start()
+
+        def _drain(self) -> None:
+            deadline = time.monotonic() + config.shutdown_grace_s
+            while time.monotonic() < deadline and not state.engine.idle():
+                time.sleep(0.05)
+            # Let the handlers write their last bytes before connections are closed.
+            time.sleep(0.2)
+            self.should_exit = True
+
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           timeout_graceful_shutdown=max(1, int(config.shutdown_grace_s))))
+    server.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from bench import main as bench_main
+
+        return bench_main(argv[1:])
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"dgserve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("starting: model=%s dtype=%s device=%s sampler=%s on http://%s:%d", config.model, config.dtype,
+             config.device, config.sampler, config.host, config.port)
+    return _serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The server's one typed config, validated at start-up (fail at start, not mid-request).
+
+Sources, lowest to highest precedence: field defaults, the YAML file, environment variables
+`DGSERVE_<KEY>` (YAML-parsed, so numbers, booleans and JSON objects work), CLI flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config that cannot start a server; the message names the offending key."""
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # What to serve: a built-in name (gemma3-270m, tiny-gemma3, tiny-diffusion), a .gguf
+    # file, a local directory of safetensors or a hub id.
+    model: str = "gemma3-270m"
+    # The id clients send in `model`; defaults to `model`.
+    served_model_name: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    sampler: Literal["ar", "parallel", "diffusion"] = "ar"
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    cors_origins: list[str] = ["*"]
+    log_level: str = "info"
+
+    # Engine limits.
+    max_num_seqs: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    default_max_tokens: int = Field(512, ge=1)
+    max_n: int = Field(16, ge=1)
+    max_request_bytes: int = Field(2_000_000, ge=1024)
+    request_timeout_s: float | None = Field(None, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+    # Default sampling parameters (a request's own values win).
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+
+    # Sampler-specific defaults, passed as keyword arguments to the sampler's constructor.
+    parallel: dict[str, Any] = {}
+    diffusion: dict[str, Any] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ServerConfig.model_fields:
+        raw = environ.get(f"DGSERVE_{key.upper()}")
+        if raw is not None:
+            # Strings like "null", "8", "true" or '{"block_size": 8}' get their YAML meaning.
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                environ: dict[str, str] | None = None) -> ServerConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        data.update(loaded)
+    data.update(_env_overrides(dict(os.environ) if environ is None else environ))
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return ServerConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
