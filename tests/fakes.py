@@ -11,14 +11,30 @@ import torch
 @dataclass
 class _Out:
     logits: torch.Tensor
-    cache: list[int]
+    cache: "TokenCache"
+
+
+class _TokenLayer:
+    """Looks like a transformers cache layer; its "keys" (B, 1, T, 1) hold the token ids."""
+
+    is_sliding = False
+
+    def __init__(self, batch: int) -> None:
+        self.keys = torch.zeros(batch, 1, 0, 1)
+        self.values = torch.zeros(batch, 1, 0, 1)
+
+
+class TokenCache:
+    def __init__(self, batch: int) -> None:
+        self.layers = [_TokenLayer(batch)]
 
 
 class ScriptedModel(torch.nn.Module):
     """A causal "model" whose next-token logits are `script(context) -> logits (V,)`.
 
-    Its "KV cache" is the list of token ids seen so far, so it behaves like a real cached
-    model for samplers that prefill once and then feed new tokens. Counts forward calls.
+    Its KV cache stores the token ids themselves, in the layout the real samplers use
+    (left padding marked by `attention_mask`), so batching code runs unchanged on it.
+    Counts forward calls.
     """
 
     def __init__(self, vocab_size: int, script: Callable[[list[int]], torch.Tensor]) -> None:
@@ -27,17 +43,25 @@ class ScriptedModel(torch.nn.Module):
         self.script = script
         self.forward_calls = 0
 
-    def forward(self, input_ids: torch.Tensor, cache: list[int] | None = None, use_cache: bool = True,
-                logits_to_keep: int = 0, **_: object) -> _Out:
-        assert input_ids.shape[0] == 1, "scripted model serves one sequence per forward"
+    def forward(self, input_ids: torch.Tensor, cache: TokenCache | None = None, use_cache: bool = True,
+                logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None, **_: object) -> _Out:
         self.forward_calls += 1
-        context = list(cache or []) + input_ids[0].tolist()
-        n_new = input_ids.shape[1]
-        rows = [self.script(context[: len(context) - n_new + i + 1]) for i in range(n_new)]
-        logits = torch.stack(rows)[None]
+        batch, n_new = input_ids.shape
+        cache = cache or TokenCache(batch)
+        layer = cache.layers[0]
+        new = input_ids.float()[:, None, :, None]
+        layer.keys = torch.cat([layer.keys, new], dim=2)
+        layer.values = layer.keys
+        total = layer.keys.shape[2]
+        mask = attention_mask if attention_mask is not None else torch.ones(batch, total, dtype=torch.long)
+        rows = []
+        for b in range(batch):
+            context = [int(t) for t, m in zip(layer.keys[b, 0, :, 0].tolist(), mask[b].tolist()) if m]
+            rows.append(torch.stack([self.script(context[: len(context) - n_new + i + 1]) for i in range(n_new)]))
+        logits = torch.stack(rows)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        return _Out(logits=logits, cache=context)
+        return _Out(logits=logits, cache=cache)
 
 
 def one_hot_logits(vocab_size: int, token: int, high: float = 10.0) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""A batch of sequences sharing one transformers KV cache, for one decode forward per step.
+
+Layout: every row has the same number T of cache columns; a row with fewer real tokens is
+LEFT-padded (right padding is wrong: new tokens must land in the same column for all rows).
+`attention_mask` (B, T) marks real columns with 1. Each row's real tokens are therefore the
+last r_i columns, so sliding-window layers, which keep only the last W-1 columns, keep every
+row's own window. Rows join (after a batch-1 prefill) and leave between steps; after a row
+leaves, columns that are padding in every row are trimmed, so T stays the longest row.
+
+Cache layer tensors are (B, H, C, D) with C = T for full-attention layers and
+min(T, W-1) for sliding-window layers (their `cumulative_length` is T).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _layer_columns(layer: Any, total: int) -> int:
+    if getattr(layer, "is_sliding", False):
+        return min(total, layer.sliding_window - 1)
+    return total
+
+
+def _left_pad(x: torch.Tensor, columns: int) -> torch.Tensor:
+    """(B, H, C, D) → (B, H, columns, D), zeros on the left (columns >= C)."""
+    missing = columns - x.shape[-2]
+    if missing <= 0:
+        return x[:, :, x.shape[-2] - columns:, :]
+    pad = x.new_zeros(x.shape[0], x.shape[1], missing, x.shape[3])
+    return torch.cat([pad, x], dim=-2)
+
+
+def _set_total(cache: Any, total: int) -> None:
+    for layer in cache.layers:
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = total
+
+
+class KVBatch:
+    """Rows of sequences in one left-padded cache. Row order is `seq_ids`."""
+
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self.seq_ids: list[str] = []
+        self.attention_mask: torch.Tensor | None = None  # (B, T) long
+        self.lengths: list[int] = []  # real tokens per row, r_i <= T
+
+    @property
+    def total(self) -> int:
+        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    def join(self, seq_id: str, cache: Any, length: int) -> None:
+        """Add a prefilled batch-1 `cache` holding `length` tokens (all real)."""
+        device = cache.layers[0].keys.device
+        row_mask = torch.ones(1, length, dtype=torch.long, device=device)
+        if self.cache is None:
+            self.cache, self.attention_mask = cache, row_mask
+            self.seq_ids, self.lengths = [seq_id], [length]
+            return
+        total = max(self.total, length)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            columns = _layer_columns(mine, total)
+            mine.keys = torch.cat([_left_pad(mine.keys, columns), _left_pad(theirs.keys, columns)])
+            mine.values = torch.cat([_left_pad(mine.values, columns), _left_pad(theirs.values, columns)])
+        _set_total(self.cache, total)
+        assert self.attention_mask is not None
+        old = torch.nn.functional.pad(self.attention_mask, (total - self.total, 0))
+        new = torch.nn.functional.pad(row_mask, (total - length, 0))
+        self.attention_mask = torch.cat([old, new])
+        self.seq_ids.append(seq_id)
+        self.lengths.append(length)
+
+    def mask_for_step(self) -> torch.Tensor:
+        """(B, T + 1): the mask a forward over one new token per row needs."""
+        assert self.attention_mask is not None
+        ones = self.attention_mask.new_ones(len(self), 1)
+        return torch.cat([self.attention_mask, ones], dim=1)
+
+    def advance(self, step_mask: torch.Tensor) -> None:
+        """After a one-token forward: every row gained one real column."""
+        self.attention_mask = step_mask
+        self.lengths = [r + 1 for r in self.lengths]
+
+    def remove(self, seq_ids: set[str]) -> None:
+        keep = [i for i, s in enumerate(self.seq_ids) if s not in seq_ids]
+        if len(keep) == len(self.seq_ids):
+            return
+        if not keep:
+            self.__init__()  # type: ignore[misc]
+            return
+        index = torch.tensor(keep, device=self.attention_mask.device)  # type: ignore[union-attr]
+        assert self.attention_mask is not None
+        mask = self.attention_mask.index_select(0, index)
+        # Columns that are padding in every remaining row carry nothing: drop them.
+        drop = int(mask.any(dim=0).long().argmax()) if mask.numel() else 0
+        total = mask.shape[1] - drop
+        for layer in self.cache.layers:
+            columns = _layer_columns(layer, total)
+            layer.keys = layer.keys.index_select(0, index)[:, :, -columns:, :]
+            layer.values = layer.values.index_select(0, index)[:, :, -columns:, :]
+        _set_total(self.cache, total)
+        self.attention_mask = mask[:, drop:]
+        self.seq_ids = [self.seq_ids[i] for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
