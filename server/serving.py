@@ -230,8 +230,17 @@ def start_choices(job: Job, state: ServerState) -> list[Choice]:
 async def _run_choice(choice: Choice, job: Job, state: ServerState) -> AsyncIterator[Update]:
     metrics, tokenizer = state.metrics, state.loaded.tokenizer  # type: ignore[union-attr]
     last_delivery = job.arrival
+    limit = state.config.request_timeout_s
     while choice.finish_reason is None:
-        event = await choice.stream.next_event()
+        if limit is None:
+            event = await choice.stream.next_event()
+        else:
+            try:
+                remaining = job.arrival + limit - time.monotonic()
+                event = await asyncio.wait_for(choice.stream.next_event(), max(remaining, 0.0))
+            except TimeoutError:
+                raise APIError(504, f"The request exceeded the server's time limit of {limit:g} s.",
+                               type="server_error", code="timeout") from None
         now = time.monotonic()
         choice.forward_passes += event.forward_passes
         if event.denoising_steps is not None:
