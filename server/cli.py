@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "bench-load":
+        from bench.load import run as bench_load
+
+        return bench_load(argv[1:])
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
     try:

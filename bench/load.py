@@ -1,0 +1,183 @@
+"""`dgserve bench-load`: the server under concurrent streaming clients, over real HTTP.
+
+It starts `dgserve` with the given config as a subprocess on a free loopback port, sends
+the prompts at each concurrency level (every client streams, greedy), then measures the
+in-process AR sampler on the same prompts in the same run, so the HTTP overhead is a ratio
+measured side by side. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, text, tokens = None, "", 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice["text"] and ttft is None:
+                    ttft = time.perf_counter() - start
+                text += choice["text"]
+    return {"ttft_s": ttft or 0.0, "latency_s": time.perf_counter() - start, "tokens": tokens, "text": text}
+
+
+async def _level(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+                 requests: int) -> dict[str, Any]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600,
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def run(i: int) -> dict[str, Any]:
+            async with sem:
+                return {"prompt": i % len(prompts), **await _one(client, model, prompts[i % len(prompts)],
+                                                               max_tokens)}
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*[run(i) for i in range(requests)])
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "aggregate_tokens_per_s": tokens / wall,
+        "ttft_p50_s": _percentile([r["ttft_s"] for r in results], 0.5),
+        "ttft_p95_s": _percentile([r["ttft_s"] for r in results], 0.95),
+        "latency_p50_s": _percentile([r["latency_s"] for r in results], 0.5),
+        "latency_p95_s": _percentile([r["latency_s"] for r in results], 0.95),
+        "texts": {r["prompt"]: r["text"] for r in results},
+    }
+
+
+def _in_process_tokens_per_s(config: Any, prompts: list[str], max_tokens: int) -> float:
+    """The AR sampler alone, one request at a time, no HTTP: the overhead baseline."""
+    from sampler.ar import ARSampler
+    from sampler.loading import load_model
+    from sampler.types import SamplingParams
+
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    sampler = ARSampler(loaded.model, loaded.device)
+    tokens, elapsed = 0, 0.0
+    for i, prompt in enumerate([prompts[0]] + prompts):  # the first run only warms up
+
+        ids = list(loaded.tokenizer(prompt)["input_ids"])
+        params = SamplingParams(max_tokens=max_tokens, temperature=0,
+                                stop_token_ids=frozenset(loaded.eos_token_ids))
+        start = time.perf_counter()
+        sampler.add(str(i), ids, params)
+        while sampler.num_active:
+            tokens += sum(len(e.token_ids) for e in sampler.step().values())
+        if i == 0:
+            tokens = 0
+        else:
+            elapsed += time.perf_counter() - start
+    return tokens / elapsed
+
+
+def run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dgserve bench-load")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--prompts", default="bench/prompts.jsonl")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests-per-level", type=int, default=0,
+                   help="requests at each level (default: max(concurrency, number of prompts))")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    p.add_argument("--json", dest="json_out")
+    args = p.parse_args(argv)
+
+    from server.config import load_config
+
+    config = load_config(args.config, {"dtype": args.dtype})
+    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if args.limit:
+        prompts = prompts[: args.limit]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    port = _free_port()
+    env = {**os.environ, "DGSERVE_DTYPE": args.dtype, "DGSERVE_MAX_NUM_SEQS": str(max(levels)),
+           "DGSERVE_MAX_QUEUE": str(max(1024, 4 * max(levels)))}
+    server = subprocess.Popen([sys.executable, "-m", "server.cli", "--config", args.config, "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("dgserve did not become ready")
+            time.sleep(0.5)
+        asyncio.run(_level(base, config.model_name, prompts[:1], 1, 8, 1))  # warm-up
+        rows = []
+        for c in levels:
+            n = args.requests_per_level or max(c, len(prompts))
+            rows.append(asyncio.run(_level(base, config.model_name, prompts, c, args.max_tokens, n)))
+            print(f"  concurrency {c}: {rows[-1]['aggregate_tokens_per_s']:.1f} tok/s", flush=True)
+    finally:
+        server.terminate()
+        server.wait(60)
+    in_process = _in_process_tokens_per_s(config, prompts, args.max_tokens)
+    single = next((r for r in rows if r["concurrency"] == 1), None)
+    reference = rows[0]["texts"]
+    for r in rows:
+        r["texts_identical_to_first_level"] = all(r["texts"].get(k) == v for k, v in reference.items())
+    out = {
+        "config": args.config, "model": config.model, "dtype": args.dtype, "max_tokens": args.max_tokens,
+        "prompts": len(prompts), "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
+        "in_process_tokens_per_s": in_process,
+        "http_single_client_tokens_per_s": single["aggregate_tokens_per_s"] if single else None,
+        "http_overhead": (1 - single["aggregate_tokens_per_s"] / in_process) if single else None,
+    }
+    top = max(rows, key=lambda r: r["concurrency"])
+    if single:
+        out["scaling_top_vs_single"] = top["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
+    print(f"\n{'conc':>5} {'reqs':>5} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} "
+          f"{'lat p95':>8} {'same text':>9}")
+    for r in rows:
+        print(f"{r['concurrency']:>5} {r['requests']:>5} {r['aggregate_tokens_per_s']:>8.1f} {r['ttft_p50_s']:>9.3f} "
+              f"{r['ttft_p95_s']:>9.3f} {r['latency_p50_s']:>8.2f} {r['latency_p95_s']:>8.2f} "
+              f"{str(r['texts_identical_to_first_level']):>9}")
+    print(f"in-process AR sampler, one request at a time: {in_process:.1f} tok/s")
+    if single:
+        print(f"HTTP single client: {single['aggregate_tokens_per_s']:.1f} tok/s "
+              f"(overhead {100 * out['http_overhead']:.1f} %); "
+              f"scaling at {top['concurrency']}: {out['scaling_top_vs_single']:.2f}x")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    return 0
