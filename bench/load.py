@@ -105,6 +105,45 @@ def _in_process_tokens_per_s(config: Any, prompts: list[str], max_tokens: int) -
     return tokens / elapsed
 
 
+def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server behind {url} did not become ready")
+        time.sleep(0.5)
+
+
+def _load_levels(base: str, model: str, prompts: list[str], levels: list[int], max_tokens: int,
+                 requests_per_level: int, label: str) -> list[dict[str, Any]]:
+    asyncio.run(_level(base, model, prompts[:1], 1, 8, 1))  # warm-up
+    rows = []
+    for c in levels:
+        n = requests_per_level or max(c, len(prompts))
+        rows.append(asyncio.run(_level(base, model, prompts, c, max_tokens, n)))
+        print(f"  {label} concurrency {c}: {rows[-1]['aggregate_tokens_per_s']:.1f} tok/s", flush=True)
+    return rows
+
+
+def _peer_transformers_serve(model_dir: str, dtype: str, prompts: list[str], levels: list[int],
+                             max_tokens: int, requests_per_level: int) -> list[dict[str, Any]]:
+    port = _free_port()
+    exe = str(Path(sys.executable).with_name("transformers"))
+    proc = subprocess.Popen([exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1",
+                             "--port", str(port), model_dir], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/health")
+        return _load_levels(f"http://127.0.0.1:{port}", model_dir, prompts, levels, max_tokens,
+                            requests_per_level, "transformers serve")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dgserve bench-load")
     p.add_argument("--config", default="configs/default.yaml")
@@ -116,6 +155,8 @@ def run(argv: list[str]) -> int:
                    help="requests at each level (default: max(concurrency, number of prompts))")
     p.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     p.add_argument("--json", dest="json_out")
+    p.add_argument("--peer-transformers-serve", action="store_true",
+                   help="also load-test `transformers serve --continuous-batching` on the same weights")
     args = p.parse_args(argv)
 
     from server.config import load_config
@@ -132,25 +173,19 @@ def run(argv: list[str]) -> int:
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("dgserve did not become ready")
-            time.sleep(0.5)
-        asyncio.run(_level(base, config.model_name, prompts[:1], 1, 8, 1))  # warm-up
-        rows = []
-        for c in levels:
-            n = args.requests_per_level or max(c, len(prompts))
-            rows.append(asyncio.run(_level(base, config.model_name, prompts, c, args.max_tokens, n)))
-            print(f"  concurrency {c}: {rows[-1]['aggregate_tokens_per_s']:.1f} tok/s", flush=True)
+        _wait_ready(server, f"{base}/ready")
+        rows = _load_levels(base, config.model_name, prompts, levels, args.max_tokens, args.requests_per_level,
+                            "dgserve")
     finally:
         server.terminate()
         server.wait(60)
+    peer_rows: list[dict[str, Any]] = []
+    if args.peer_transformers_serve:
+        from sampler.loading import BUILTIN_GEMMA3_270M, builtin_gemma3_270m_dir
+
+        model_dir = str(builtin_gemma3_270m_dir()) if config.model == BUILTIN_GEMMA3_270M else config.model
+        peer_rows = _peer_transformers_serve(model_dir, args.dtype, prompts, levels, args.max_tokens,
+                                             args.requests_per_level)
     in_process = _in_process_tokens_per_s(config, prompts, args.max_tokens)
     single = next((r for r in rows if r["concurrency"] == 1), None)
     reference = rows[0]["texts"]
@@ -163,6 +198,11 @@ def run(argv: list[str]) -> int:
         "http_single_client_tokens_per_s": single["aggregate_tokens_per_s"] if single else None,
         "http_overhead": (1 - single["aggregate_tokens_per_s"] / in_process) if single else None,
     }
+    if peer_rows:
+        peer_ref = peer_rows[0]["texts"]
+        for r in peer_rows:
+            r["texts_identical_to_first_level"] = all(r["texts"].get(k) == v for k, v in peer_ref.items())
+        out["peer_transformers_serve"] = [{k: v for k, v in r.items() if k != "texts"} for r in peer_rows]
     top = max(rows, key=lambda r: r["concurrency"])
     if single:
         out["scaling_top_vs_single"] = top["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
@@ -172,6 +212,9 @@ def run(argv: list[str]) -> int:
         print(f"{r['concurrency']:>5} {r['requests']:>5} {r['aggregate_tokens_per_s']:>8.1f} {r['ttft_p50_s']:>9.3f} "
               f"{r['ttft_p95_s']:>9.3f} {r['latency_p50_s']:>8.2f} {r['latency_p95_s']:>8.2f} "
               f"{str(r['texts_identical_to_first_level']):>9}")
+    for r in peer_rows:
+        print(f"transformers serve @ {r['concurrency']}: {r['aggregate_tokens_per_s']:.1f} tok/s, "
+              f"ttft p50 {r['ttft_p50_s']:.3f} s, same text {r['texts_identical_to_first_level']}")
     print(f"in-process AR sampler, one request at a time: {in_process:.1f} tok/s")
     if single:
         print(f"HTTP single client: {single['aggregate_tokens_per_s']:.1f} tok/s "
