@@ -127,7 +127,8 @@ def builtin_gemma3_270m_dir() -> Path:
 
     gguf_dir = cache_root() / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
-    gguf_path = Path(pkg.assemble(output_path=str(gguf_dir / f"{pkg.MODEL_NAME}.gguf")))
+    name = pkg.MODEL_NAME if pkg.MODEL_NAME.endswith(".gguf") else f"{pkg.MODEL_NAME}.gguf"
+    gguf_path = Path(pkg.assemble(output_path=str(gguf_dir / name)))
     out_dir = cache_root() / "models" / f"{BUILTIN_GEMMA3_270M}-v{_CACHE_FORMAT}"
     return convert_gguf(gguf_path, out_dir)
 

@@ -29,11 +29,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _QuietProbes(logging.Filter):
+    """Keep health, readiness and scrape requests out of the access log (they come every few s)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (len(args) >= 3 and str(args[2]).split("?")[0] in ("/health", "/ready", "/metrics"))
+
+
 def _serve(config: ServerConfig) -> int:
     import uvicorn
 
     from server.app import create_app
 
+    logging.getLogger("uvicorn.access").addFilter(_QuietProbes())
     app = create_app(config)
     state = app.state.dg
 
