@@ -1,0 +1,116 @@
+"""A tiny random DiffusionGemma (block diffusion) model and the tiny tokenizer, no downloads.
+
+Same classes as the released checkpoint (`DiffusionGemmaForBlockDiffusion`: causal encoder
+writing the KV cache, bidirectional decoder denoising a canvas, self-conditioning, MoE
+layers), at about a million weights: ~25 ms a denoising step on two CPU cores at canvas 32.
+Everything is seeded, so the tiny model is the same in every process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sampler.loading import TINY_DIFFUSION, LoadedModel
+
+# The released checkpoint's sampler defaults (DiffusionGemmaGenerationConfig's global defaults).
+RELEASED_DEFAULTS: dict[str, Any] = {
+    "max_denoising_steps": 48,
+    "entropy_bound": 0.1,
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+
+
+def tiny_diffusion_config(vocab_size: int = 1024, canvas_length: int = 32, *, pad_token_id: int = 0,
+                          eos_token_id: int | list[int] = 1, bos_token_id: int = 2) -> Any:
+    """The CPU-sized config from the field notes: 2 layers (sliding 16 + full), 4 experts."""
+    from transformers import DiffusionGemmaConfig
+
+    text = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+        num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=64,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention="vision", max_position_embeddings=4096,
+        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos_token_id,
+    )
+    vision = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length)
+    config.architectures = ["DiffusionGemmaForBlockDiffusion"]
+    return config
+
+
+def build_tiny_diffusion(vocab_size: int = 1024, canvas_length: int = 32, *, eos_token_ids: list[int] | None = None,
+                         pad_token_id: int = 0, bos_token_id: int = 2, usable_vocab: int | None = None,
+                         weight_std: float = 0.5, seed: int = 0) -> torch.nn.Module:
+    """A random `DiffusionGemmaForBlockDiffusion` with the released sampler defaults.
+
+    Weights are drawn with std `weight_std` instead of the default 0.02: the default gives
+    near-uniform logits (every position at maximal entropy, one token accepted per step, no
+    early stop), while larger weights give peaked predictions, several tokens accepted per
+    step and blocks that stop early, so tests exercise every branch of the sampler.
+    The embedding rows (tied to the LM head) of the EOS ids and of ids >= `usable_vocab`
+    (ids the tokenizer cannot decode) are zeroed: their logit is then 0 while the maximum
+    over the other random logits is positive, so text runs to max_tokens. EOS tests bias
+    the logits explicitly.
+    """
+    from transformers import DiffusionGemmaForBlockDiffusion, DiffusionGemmaGenerationConfig, EntropyBoundSamplerConfig
+
+    eos_token_ids = list(eos_token_ids or [1])
+    config = tiny_diffusion_config(vocab_size, canvas_length, pad_token_id=pad_token_id,
+                                   eos_token_id=eos_token_ids, bos_token_id=bos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DiffusionGemmaForBlockDiffusion(config)
+        with torch.no_grad():
+            # parameters() yields each tied tensor (encoder/decoder/LM head share weights) once.
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, weight_std)
+            embed = model.get_input_embeddings().weight
+            embed[eos_token_ids] = 0.0  # (indexing with a list copies: assign, don't zero_)
+            if usable_vocab is not None and usable_vocab < vocab_size:
+                embed[usable_vocab:].zero_()
+    defaults = dict(RELEASED_DEFAULTS)
+    model.generation_config = DiffusionGemmaGenerationConfig(
+        max_new_tokens=256,
+        max_denoising_steps=defaults.pop("max_denoising_steps"),
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=defaults.pop("entropy_bound")),
+        **defaults,
+        eos_token_id=eos_token_ids,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+    )
+    return model.eval()
+
+
+def load_tiny_diffusion(dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """`load_model('tiny-diffusion')`: the tiny model plus the tiny byte-level tokenizer."""
+    from sampler.tiny import END_OF_TURN, EOS, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    eos_ids = [tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    model = build_tiny_diffusion(
+        1024,
+        32,
+        eos_token_ids=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        usable_vocab=len(tokenizer),
+    ).to(device=device, dtype=dtype)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        kind="diffusion",
+        eos_token_ids=eos_ids,
+        device=device,
+        dtype=dtype,
+        source=TINY_DIFFUSION,
+        max_context=model.config.text_config.max_position_embeddings,
+        generation_config=model.generation_config,
+    )
