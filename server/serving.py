@@ -118,6 +118,8 @@ def _check_common(req: ChatCompletionRequest | CompletionRequest, state: ServerS
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
     if (req.n or 1) > cfg.max_n:
         raise bad_request(f"n must be at most {cfg.max_n}", param="n")
+    if req.t_min is not None and req.t_max is not None and req.t_min > req.t_max:
+        raise bad_request("t_min must not exceed t_max", param="t_min")
     if req.stream_refinements and not req.stream:
         raise bad_request("stream_refinements needs stream: true", param="stream_refinements")
 
