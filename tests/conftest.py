@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# As the CLI does: idle OpenMP workers must not spin while a live server shares the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import socket
 import subprocess
 import sys
