@@ -104,7 +104,9 @@ class ARSampler:
         last = [[self._seqs[s].generated[-1]] for s in batch.seq_ids]
         positions = [[r] for r in batch.lengths]
         mask = batch.mask_for_step()
-        out = self.model(input_ids=torch.tensor(last, device=self.device), attention_mask=mask,
+        # Without padding the model's own causal mask is the same and cheaper to build.
+        out = self.model(input_ids=torch.tensor(last, device=self.device),
+                         attention_mask=mask if batch.has_padding else None,
                          position_ids=torch.tensor(positions, device=self.device), cache=batch.cache,
                          use_cache=True, logits_to_keep=1)
         batch.advance(mask)

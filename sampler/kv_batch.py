@@ -55,6 +55,11 @@ class KVBatch:
     def __len__(self) -> int:
         return len(self.seq_ids)
 
+    @property
+    def has_padding(self) -> bool:
+        """Whether any row is shorter than T (left padding present)."""
+        return any(r != self.total for r in self.lengths)
+
     def join(self, seq_id: str, cache: Any, length: int) -> None:
         """Add a prefilled batch-1 `cache` holding `length` tokens (all real)."""
         device = cache.layers[0].keys.device
