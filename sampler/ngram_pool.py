@@ -54,12 +54,13 @@ class NgramPool:
         while len(entry) > self.trajectory_per_key:
             entry.popitem(last=False)
 
-    def candidates(self, count: int, length: int) -> list[list[int]]:
+    def candidates(self, count: int, length: int, min_key: int = 1) -> list[list[int]]:
         """Up to `count` distinct continuations (each <= `length` tokens) of the current context.
 
         Order is best first: longer suffix matches before shorter ones, recent before old, then
         trajectory n-grams. A candidate that is a prefix of one already chosen is skipped (the
-        verification tree would merge it anyway and it would take a slot).
+        verification tree would merge it anyway and it would take a slot). `min_key` > 1 keeps
+        only context matches of at least that many suffix tokens (the likeliest to be accepted).
         """
         out: list[list[int]] = []
         if count <= 0 or length <= 0 or not self.tokens:
@@ -73,12 +74,14 @@ class NgramPool:
                 out.append(list(cont))
             return len(out) >= count
 
-        for k in range(min(self.key_len, n), 0, -1):
+        for k in range(min(self.key_len, n), min_key - 1, -1):
             ends = self._ends[k].get(tuple(self.tokens[n - k :]), ())
             # Most recent first; the last entry is the current suffix itself (nothing follows it).
             for j in reversed(ends):
                 if j < n - 1 and offer(tuple(self.tokens[j + 1 : j + 1 + length])):
                     return out
+        if min_key > 1:
+            return out
         for cont in reversed(self._trajectory.get(self.tokens[-1], {})):
             if offer(cont[:length]):
                 return out

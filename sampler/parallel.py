@@ -140,6 +140,8 @@ class _Sequence:
     draft: list[int] = field(default_factory=list)  # guesses for positions len(context)...
     block_end: int = 0  # last absolute position of the current block (inclusive)
     block_forwards: int = 0  # refinement forwards spent on the current block
+    accept_avg: float = 1.0  # moving average of verified tree tokens per forward
+    lean_run: int = 0  # consecutive lean forwards (see ParallelSampler._build_tree)
 
 
 class _Draws:
@@ -220,6 +222,9 @@ class ParallelSampler:
       steps           default refinement forwards per block (None: unlimited, exact)
       max_tree_nodes  most guessed tokens per forward (draft + candidates; at least block_size)
       shortlist_size  tokens whose logits guess the tree walk cheaply (0: full logits everywhere)
+      lean_below      exact mode: below this many verified guesses per forward (moving average)
+                      send only strong context matches (0: never)
+      probe_every     while lean, every probe_every-th forward is a full one
       fast_head       float32 CPU: compute multi-row logits with oneDNN instead of MKL
     """
 
@@ -228,7 +233,8 @@ class ParallelSampler:
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", *,
                  block_size: int = 8, max_candidates: int = 6, candidate_len: int = 8,
                  key_len: int = 3, trajectory_per_key: int = 2, steps: int | None = None,
-                 max_tree_nodes: int = 16, shortlist_size: int = 4096, fast_head: bool = True) -> None:
+                 max_tree_nodes: int = 16, shortlist_size: int = 4096, lean_below: float = 1.0,
+                 probe_every: int = 8, fast_head: bool = True) -> None:
         if block_size < 1 or candidate_len < 1 or max_candidates < 0 or key_len < 1 or shortlist_size < 0:
             raise ValueError("block_size, candidate_len, key_len must be >= 1; max_candidates, shortlist_size >= 0")
         if steps is not None and steps < 1:
@@ -243,6 +249,13 @@ class ParallelSampler:
         self.steps = steps
         # Rows past ~16 cost a forward more and more (the body's GEMMs stop being weight-bound).
         self.max_tree_nodes = max(max_tree_nodes, block_size)
+        if probe_every < 1:
+            raise ValueError("probe_every must be >= 1")
+        # A full tree costs about two AR steps on a CPU, so it must verify about one guess per
+        # forward to pay; below `lean_below` (moving average, weight `accept_decay`) go lean.
+        self.lean_below = lean_below
+        self.probe_every = probe_every
+        self.accept_decay = 0.3
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._config = config
         self._layer_types = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]))
@@ -301,9 +314,22 @@ class ParallelSampler:
     # -- pieces of one forward -----------------------------------------------------------------
 
     def _build_tree(self, seq: _Sequence, depth_cap: int) -> tuple[_Tree, list[int]]:
-        """The draft first (so its nodes are known), then the pool's candidates."""
+        """The draft first (so its nodes are known), then the pool's candidates.
+
+        Exact mode adapts to the text: while the moving average of verified guesses per forward
+        is below `lean_below` (new prose, where guesses rarely hold), a forward carries only
+        candidates that match the context's last 2+ tokens, often none, which makes it cost
+        what an AR step costs; every `probe_every`-th forward is a full one, to notice when
+        guessing starts paying again.
+        """
         tree = _Tree()
         if depth_cap <= 0:
+            return tree, []
+        lean = seq.steps is None and seq.accept_avg < self.lean_below and (seq.lean_run + 1) % self.probe_every
+        seq.lean_run = seq.lean_run + 1 if lean else 0
+        if lean:
+            for cand in seq.pool.candidates(self.max_candidates, min(self.candidate_len, depth_cap), min_key=2):
+                tree.insert(cand, self.max_tree_nodes)
             return tree, []
         candidates = seq.pool.candidates(self.max_candidates, min(self.candidate_len, depth_cap))
         draft = seq.draft[: min(self.block_size, depth_cap)]
@@ -411,6 +437,8 @@ class ParallelSampler:
             if row not in draws.exact:
                 draws.ensure(draws.guessed_path(tree, row))
         accepted = [tree.tokens[n] for n in path] + [draws.exact[row]]
+        if t:
+            seq.accept_avg = (1 - self.accept_decay) * seq.accept_avg + self.accept_decay * len(path)
 
         seq.block_forwards += 1
         last = root_pos + len(accepted)  # position of the last token committed below

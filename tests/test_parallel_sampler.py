@@ -56,15 +56,16 @@ def prompts(vocab: int, count: int, seed: int = 0) -> list[list[int]]:
 
 # shortlist_size 64 (< vocab / 2) guesses the walk from 64 tokens' logits, as the real model
 # does with 4096 of 262144; 0 computes full logits for every row.
-@pytest.mark.parametrize("block_size,shortlist_size", [(1, 64), (3, 0), (8, 64)])
-def test_greedy_equals_ar(tiny_loaded, block_size, shortlist_size):
+# lean_below 0 keeps full trees even where guesses fail; 5 makes most forwards lean.
+@pytest.mark.parametrize("block_size,shortlist_size,lean_below", [(1, 64, 0.7), (3, 0, 0.0), (8, 64, 5.0)])
+def test_greedy_equals_ar(tiny_loaded, block_size, shortlist_size, lean_below):
     model, device = tiny_loaded.model, tiny_loaded.device
     params = SamplingParams(max_tokens=40, temperature=0.0)
     multi = 0
     for prompt in prompts(model.config.vocab_size, 8, seed=block_size):
         ar, _ = run(ARSampler(model, device), prompt, params)
-        par, events = run(ParallelSampler(model, device, block_size=block_size, shortlist_size=shortlist_size),
-                          prompt, params)
+        par, events = run(ParallelSampler(model, device, block_size=block_size, shortlist_size=shortlist_size,
+                                          lean_below=lean_below), prompt, params)
         assert par == ar, f"prompt {prompt}"
         assert len(par) == 40 and events[-1].finish_reason == "length"
         assert all(e.forward_passes == 1 and e.token_ids for e in events)
