@@ -81,3 +81,15 @@ def tiny_loaded():
     from sampler.loading import load_model
 
     return load_model("tiny-gemma3", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models are all per-op overhead: on a shared 2-core box two torch threads hand off
+    more than they compute (about 10x slower measured), so their tests run single-threaded."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

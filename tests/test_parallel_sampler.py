@@ -8,7 +8,6 @@ sample and is reproducible; stop tokens and max_tokens end a sequence exactly as
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,14 +22,7 @@ from sampler.types import SamplingParams, StepEvent
 WINDOW = 16  # the tiny model's sliding window
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # A tiny model's forward is microseconds of math; with 2 threads on a shared 2-core machine
-    # thread hand-offs dominate (10x slower measured), so these tests run single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(sampler, prompt: list[int], params: SamplingParams, seq_id: str = "s") -> tuple[list[int], list[StepEvent]]:
