@@ -56,7 +56,7 @@ from sampler.types import FinishReason, SamplingParams, StepEvent
 NoiseMode = Literal["keyed", "global"]
 
 # transformers' DiffusionGemmaGenerationConfig global defaults (the released checkpoint's).
-_FALLBACK_DEFAULTS: dict[str, Any] = {
+RELEASED_DEFAULTS: dict[str, Any] = {
     "max_denoising_steps": 48,
     "entropy_bound": 0.1,
     "t_min": 0.4,
@@ -80,7 +80,7 @@ class DiffusionSettings:
     @classmethod
     def from_generation_config(cls, generation_config: Any) -> DiffusionSettings:
         """Read a DiffusionGemmaGenerationConfig; unset fields take transformers' defaults."""
-        values = dict(_FALLBACK_DEFAULTS)
+        values = dict(RELEASED_DEFAULTS)
         for name in values:
             if name == "entropy_bound":
                 sampler_config = getattr(generation_config, "sampler_config", None)

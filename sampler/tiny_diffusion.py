@@ -12,17 +12,8 @@ from typing import Any
 
 import torch
 
+from sampler.diffusion import RELEASED_DEFAULTS
 from sampler.loading import TINY_DIFFUSION, LoadedModel
-
-# The released checkpoint's sampler defaults (DiffusionGemmaGenerationConfig's global defaults).
-RELEASED_DEFAULTS: dict[str, Any] = {
-    "max_denoising_steps": 48,
-    "entropy_bound": 0.1,
-    "t_min": 0.4,
-    "t_max": 0.8,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-}
 
 
 def tiny_diffusion_config(vocab_size: int = 1024, canvas_length: int = 32, *, pad_token_id: int = 0,
