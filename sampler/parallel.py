@@ -289,6 +289,10 @@ class ParallelSampler:
         steps = params.steps if params.steps is not None else self.steps
         if steps is not None and steps < 1:
             raise ValueError("steps must be >= 1")
+        if steps is not None and steps >= self.block_size:
+            # Every forward verifies at least one token, so a block never runs out of steps:
+            # this is exact mode (and may use lean forwards, which a forced commit could not).
+            steps = None
         pool = NgramPool(self.key_len, self.trajectory_per_key)
         pool.extend(list(prompt_ids))
         shortlist = _Shortlist(self._head.weight, max(self.shortlist_size, 1))
@@ -320,12 +324,14 @@ class ParallelSampler:
         is below `lean_below` (new prose, where guesses rarely hold), a forward carries only
         candidates that match the context's last 2+ tokens, often none, which makes it cost
         what an AR step costs; every `probe_every`-th forward is a full one, to notice when
-        guessing starts paying again.
+        guessing starts paying again. Lean forwards refine no draft.
         """
         tree = _Tree()
         if depth_cap <= 0:
             return tree, []
-        lean = seq.steps is None and seq.accept_avg < self.lean_below and (seq.lean_run + 1) % self.probe_every
+        # A client watching refinements gets a refined draft every step, so never lean then.
+        lean = (seq.steps is None and not seq.params.stream_refinements and seq.accept_avg < self.lean_below
+                and (seq.lean_run + 1) % self.probe_every)
         seq.lean_run = seq.lean_run + 1 if lean else 0
         if lean:
             for cand in seq.pool.candidates(self.max_candidates, min(self.candidate_len, depth_cap), min_key=2):
