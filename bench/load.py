@@ -86,7 +86,7 @@ def _in_process_tokens_per_s(config: Any, prompts: list[str], max_tokens: int) -
     from sampler.loading import load_model
     from sampler.types import SamplingParams
 
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
     sampler = ARSampler(loaded.model, loaded.device)
     tokens, elapsed = 0, 0.0
     for i, prompt in enumerate([prompts[0]] + prompts):  # the first run only warms up

@@ -191,8 +191,9 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     options = dict(config.parallel)
 
     print(f"loading {config.model} ({dtype}, device {config.device}) ...", file=sys.stderr, flush=True)
-    loaded = load_model(config.model, dtype=dtype, device=config.device)
-    f32 = loaded if dtype == "float32" else load_model(config.model, dtype="float32", device=config.device)
+    loaded = load_model(config.model, dtype=dtype, device=config.device, cpu_gemm=config.cpu_gemm)
+    f32 = loaded if dtype == "float32" else load_model(config.model, dtype="float32", device=config.device,
+                                                            cpu_gemm=config.cpu_gemm)
     tok = loaded.tokenizer
     prompt_ids = [tok(p).input_ids for p in prompts]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=frozenset(loaded.eos_token_ids))

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 
+from sampler.cpu_linear import CpuGemm, speed_up_linears
+
 log = logging.getLogger("dgserve.loading")
 
 BUILTIN_GEMMA3_270M = "gemma3-270m"
@@ -185,10 +187,18 @@ def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     )
 
 
-def load_model(spec: str, *, dtype: str = "float32", device: str = "auto") -> LoadedModel:
-    """Load what `spec` names: a built-in name, a .gguf file, a local directory or a hub id."""
-    torch_dtype = resolve_dtype(dtype)
-    torch_device = resolve_device(device)
+def load_model(spec: str, *, dtype: str = "float32", device: str = "auto", cpu_gemm: CpuGemm = "auto") -> LoadedModel:
+    """Load what `spec` names: a built-in name, a .gguf file, a local directory or a hub id.
+
+    On CPU the linear layers get the kernels `cpu_gemm` asks for (sampler/cpu_linear.py).
+    """
+    loaded = _load(spec, resolve_dtype(dtype), resolve_device(device))
+    if loaded.device.type == "cpu":
+        speed_up_linears(loaded.model, cpu_gemm)
+    return loaded
+
+
+def _load(spec: str, torch_dtype: torch.dtype, torch_device: torch.device) -> LoadedModel:
     if spec == TINY_GEMMA3:
         return _load_tiny_gemma3(torch_dtype, torch_device)
     if spec == TINY_DIFFUSION:

@@ -200,16 +200,6 @@ class _Draws:
         return rows
 
 
-def _onednn_linear_works() -> bool:
-    """Whether this torch build runs oneDNN's float32 linear on dense tensors (x86 CPU builds)."""
-    try:
-        x = torch.ones(2, 4)
-        out = torch.ops.mkldnn._linear_pointwise(x, torch.ones(3, 4), None, "none", [], "")
-        return bool(torch.equal(out, torch.full((2, 3), 4.0)))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
 class ParallelSampler:
     """Lookahead-style parallel refinement; one forward per sequence per step.
 
@@ -225,7 +215,6 @@ class ParallelSampler:
       lean_below      exact mode: below this many verified guesses per forward (moving average)
                       send only strong context matches (0: never)
       probe_every     while lean, every probe_every-th forward is a full one
-      fast_head       float32 CPU: compute multi-row logits with oneDNN instead of MKL
     """
 
     name = "parallel"
@@ -234,7 +223,7 @@ class ParallelSampler:
                  block_size: int = 8, max_candidates: int = 6, candidate_len: int = 8,
                  key_len: int = 3, trajectory_per_key: int = 2, steps: int | None = None,
                  max_tree_nodes: int = 16, shortlist_size: int = 4096, lean_below: float = 1.0,
-                 probe_every: int = 8, fast_head: bool = True) -> None:
+                 probe_every: int = 8) -> None:
         if block_size < 1 or candidate_len < 1 or max_candidates < 0 or key_len < 1 or shortlist_size < 0:
             raise ValueError("block_size, candidate_len, key_len must be >= 1; max_candidates, shortlist_size >= 0")
         if steps is not None and steps < 1:
@@ -276,7 +265,6 @@ class ParallelSampler:
         # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
         params = inspect.signature(self._body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._fast_head = fast_head and _onednn_linear_works()
         self._seqs: dict[str, _Sequence] = {}
 
     @property
@@ -379,15 +367,10 @@ class ParallelSampler:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, d) final hidden states -> (R, V) logits, soft-capped as the model's forward does.
 
-        One row goes through the model's own head (the kernel AR uses). Several rows on a
-        float32 CPU go through oneDNN's inner product: here MKL's sgemm for 2-16 rows against
-        the 262144 x 640 head took 2-6x one row's time, oneDNN's 1.5-3x.
+        Through the model's own head, so the kernel per row count is the one AR gets
+        (sampler/cpu_linear.py picks oneDNN for several rows on CPU).
         """
-        if self._fast_head and hidden.shape[0] > 1 and hidden.dtype == torch.float32 and hidden.device.type == "cpu":
-            logits = torch.ops.mkldnn._linear_pointwise(hidden, self._head.weight, self._head.bias, "none", [], "")
-        else:
-            logits = self._head(hidden)
-        return self._softcap_fn(logits)
+        return self._softcap_fn(self._head(hidden))
 
     # -- one sequence, one forward -------------------------------------------------------------
 

@@ -138,7 +138,7 @@ def _load_in_background(state: ServerState) -> threading.Thread:
     def load() -> None:
         started = time.monotonic()
         try:
-            loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, cpu_gemm=cfg.cpu_gemm)
         except Exception as exc:
             log.exception("model %s failed to load", cfg.model)
             state.load_error = f"{type(exc).__name__}: {exc}"
