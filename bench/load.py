@@ -81,13 +81,13 @@ async def _level(base_url: str, model: str, prompts: list[str], concurrency: int
 
 
 def _in_process_tokens_per_s(config: Any, prompts: list[str], max_tokens: int) -> float:
-    """The AR sampler alone, one request at a time, no HTTP: the overhead baseline."""
-    from sampler.ar import ARSampler
+    """The served sampler alone, one request at a time, no HTTP: the overhead baseline."""
     from sampler.loading import load_model
+    from sampler.registry import build_sampler
     from sampler.types import SamplingParams
 
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
-    sampler = ARSampler(loaded.model, loaded.device)
+    sampler = build_sampler(config.sampler, loaded, getattr(config, config.sampler, None))
     tokens, elapsed = 0, 0.0
     for i, prompt in enumerate([prompts[0]] + prompts):  # the first run only warms up
 
@@ -150,6 +150,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--prompts", default="bench/prompts.jsonl")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--sampler", choices=["ar", "parallel", "diffusion"], default=None,
+                   help="the sampler to serve (default: the config's)")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests-per-level", type=int, default=0,
                    help="requests at each level (default: max(concurrency, number of prompts))")
@@ -161,13 +163,13 @@ def run(argv: list[str]) -> int:
 
     from server.config import load_config
 
-    config = load_config(args.config, {"dtype": args.dtype})
+    config = load_config(args.config, {"dtype": args.dtype, **({"sampler": args.sampler} if args.sampler else {})})
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if args.limit:
         prompts = prompts[: args.limit]
     levels = [int(c) for c in args.concurrency.split(",")]
     port = _free_port()
-    env = {**os.environ, "DGSERVE_DTYPE": args.dtype, "DGSERVE_MAX_NUM_SEQS": str(max(levels)),
+    env = {**os.environ, "DGSERVE_DTYPE": args.dtype, "DGSERVE_SAMPLER": config.sampler, "DGSERVE_MAX_NUM_SEQS": str(max(levels)),
            "DGSERVE_MAX_QUEUE": str(max(1024, 4 * max(levels)))}
     server = subprocess.Popen([sys.executable, "-m", "server.cli", "--config", args.config, "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -192,7 +194,7 @@ def run(argv: list[str]) -> int:
     for r in rows:
         r["texts_identical_to_first_level"] = all(r["texts"].get(k) == v for k, v in reference.items())
     out = {
-        "config": args.config, "model": config.model, "dtype": args.dtype, "max_tokens": args.max_tokens,
+        "config": args.config, "model": config.model, "sampler": config.sampler, "dtype": args.dtype, "max_tokens": args.max_tokens,
         "prompts": len(prompts), "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
         "in_process_tokens_per_s": in_process,
         "http_single_client_tokens_per_s": single["aggregate_tokens_per_s"] if single else None,

@@ -14,5 +14,6 @@ def test_bench_load_smoke(tmp_path):
     for lvl in data["levels"]:
         assert lvl["aggregate_tokens_per_s"] > 0 and lvl["ttft_p95_s"] >= lvl["ttft_p50_s"] >= 0
         assert lvl["texts_identical_to_first_level"]
+    assert data["sampler"] == "ar"  # tiny.yaml serves ar; the in-process baseline runs the same sampler
     assert data["in_process_tokens_per_s"] > 0 and data["http_overhead"] is not None
     assert "conc" in proc.stdout  # the table
