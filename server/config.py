@@ -33,6 +33,10 @@ class ServerConfig(BaseModel):
     # `native` keeps torch's stock kernels.
     cpu_gemm: Literal["auto", "native"] = "auto"
     sampler: Literal["ar", "parallel", "diffusion"] = "ar"
+    # A request that names no sampler and is admitted while other sequences run goes to this
+    # sampler instead: parallel refinement spends one forward per sequence per step, AR one
+    # forward for all of them, so under load AR's batching wins. None: always `sampler`.
+    sampler_when_busy: Literal["ar", "parallel", "diffusion"] | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

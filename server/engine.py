@@ -38,6 +38,8 @@ class EngineRequest:
     params: SamplingParams
     sampler: str
     loop: asyncio.AbstractEventLoop
+    # If set, the sampler this request switches to when admitted while other sequences run.
+    sampler_when_busy: str | None = None
     seq_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.monotonic)
     admitted: float | None = None
@@ -201,6 +203,8 @@ class Engine:
         now = time.monotonic()
         for request in admitted:
             request.admitted = now
+            if request.sampler_when_busy is not None and len(self._running) > 1:
+                request.sampler = request.sampler_when_busy
             self.metrics.label(self.metrics.queue_time).observe(now - request.arrival)
             try:
                 self._sampler(request.sampler).add(request.seq_id, request.prompt_ids, request.params)

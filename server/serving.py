@@ -94,6 +94,7 @@ class Job:
     prompts: list[list[int]]
     params: list[SamplingParams]  # one per choice, in choice order
     sampler: str
+    sampler_when_busy: str | None  # the engine may switch to it at admission (config key)
     stop: list[str]
     stream: bool
     include_usage: bool
@@ -133,6 +134,18 @@ def _sampler_for(req: ChatCompletionRequest | CompletionRequest, state: ServerSt
             return allowed[0]
         raise bad_request(f"sampler '{name}' cannot serve this model; use one of {list(allowed)}",
                           param="sampler")
+    return name
+
+
+def _busy_sampler_for(req: ChatCompletionRequest | CompletionRequest, state: ServerState) -> str | None:
+    """The config's `sampler_when_busy`, for requests that leave the choice to the server.
+
+    A client watching refinements keeps the refining sampler (AR has no drafts to show).
+    """
+    assert state.loaded is not None
+    name = state.config.sampler_when_busy
+    if req.sampler is not None or req.stream_refinements or name not in SAMPLERS_FOR_KIND[state.loaded.kind]:
+        return None
     return name
 
 
@@ -211,7 +224,8 @@ def build_job(req: ChatCompletionRequest | CompletionRequest, state: ServerState
     params = [_params(req, state, len(prompt), max_tokens, stop_ids, j)
               for prompt in prompts for j in range(n)]
     return Job(kind=kind, request_id=prefix + uuid.uuid4().hex, model=req.model, prompts=prompts,
-               params=params, sampler=_sampler_for(req, state), stop=req.stop_list(),
+               params=params, sampler=_sampler_for(req, state), sampler_when_busy=_busy_sampler_for(req, state),
+               stop=req.stop_list(),
                stream=bool(req.stream),
                include_usage=bool(req.stream_options and req.stream_options.include_usage),
                want_drafts=req.stream_refinements, n=n)
@@ -221,7 +235,8 @@ def build_job(req: ChatCompletionRequest | CompletionRequest, state: ServerState
 def start_choices(job: Job, state: ServerState) -> list[Choice]:
     engine = state.ready_engine()
     loop = asyncio.get_running_loop()
-    requests = [EngineRequest(job.prompts[i // job.n], params, job.sampler, loop)
+    requests = [EngineRequest(job.prompts[i // job.n], params, job.sampler, loop,
+                              sampler_when_busy=job.sampler_when_busy)
                 for i, params in enumerate(job.params)]
     engine.submit_many(requests)
     assert state.loaded is not None
@@ -327,7 +342,7 @@ def _record(job: Job, choices: list[Choice], state: ServerState, complete: bool)
         if c.forward_passes:
             metrics.label(metrics.tokens_per_forward).observe(c.tokens / c.forward_passes)
     log.info("request %s sampler=%s prompt_tokens=%d completion_tokens=%d forwards=%d latency=%.3fs",
-             job.request_id, job.sampler, job.prompt_tokens, tokens, forwards, elapsed)
+             job.request_id, served_by(choices), job.prompt_tokens, tokens, forwards, elapsed)
 
 
 # ---- response bodies -----------------------------------------------------------------
@@ -335,6 +350,11 @@ def usage(job: Job, choices: list[Choice]) -> dict[str, int]:
     completion = sum(c.tokens for c in choices)
     return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
             "total_tokens": job.prompt_tokens + completion}
+
+
+def served_by(choices: list[Choice]) -> str:
+    """The sampler(s) that ran the choices, as admitted (sampler_when_busy may have switched)."""
+    return ",".join(dict.fromkeys(c.stream.request.sampler for c in choices))
 
 
 def timings(job: Job, choices: list[Choice]) -> dict[str, Any]:
@@ -353,7 +373,7 @@ def timings(job: Job, choices: list[Choice]) -> dict[str, Any]:
         "time_to_first_token_s": None if first is None else round(first - job.arrival, 6),
         "total_s": round(end - job.arrival, 6),
         "tokens_per_s": round(tokens / (end - start), 3) if end > start and tokens else None,
-        "sampler": job.sampler,
+        "sampler": served_by(choices),
     }
     if any(c.blocks for c in choices):
         out["denoising_steps"] = sum(c.denoising_steps for c in choices)

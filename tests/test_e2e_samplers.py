@@ -106,3 +106,29 @@ def test_diffusion_rejects_bad_schedule(diffusion_server):
     r = httpx.post(f"{diffusion_server.base_url}/v1/completions", timeout=30,
                    json={"model": "tiny-diffusion", "prompt": "x", "t_min": 0.9, "t_max": 0.1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "t_min"
+
+
+# ---- sampler_when_busy: parallel alone, batched AR under load ----------------------------------
+def test_busy_requests_go_to_the_batching_sampler():
+    env = {"DGSERVE_SAMPLER": "parallel", "DGSERVE_SAMPLER_WHEN_BUSY": "ar"}
+    server = LiveServer("configs/tiny.yaml", env=env).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+        kwargs = dict(model="tiny-gemma3", max_tokens=48, temperature=0)
+        prompts = [f"{i} The quick brown fox jumps over the lazy dog." for i in range(6)]
+        alone = [client.completions.create(prompt=p, **kwargs) for p in prompts]
+        assert {r.model_extra["timings"]["sampler"] for r in alone} == {"parallel"}
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(lambda p: client.completions.create(prompt=p, **kwargs), prompts))
+        # Same text whichever sampler ran it (greedy, float32); most were admitted while busy.
+        assert [r.choices[0].text for r in together] == [r.choices[0].text for r in alone]
+        assert sum(r.model_extra["timings"]["sampler"] == "ar" for r in together) >= 1
+        # A client that names its sampler, or watches refinements, keeps it under load too.
+        with cf.ThreadPoolExecutor(3) as pool:
+            named = list(pool.map(lambda p: client.completions.create(prompt=p, extra_body={"sampler": "parallel"},
+                                                                      **kwargs), prompts[:3]))
+        assert {r.model_extra["timings"]["sampler"] for r in named} == {"parallel"}
+    finally:
+        server.stop()
