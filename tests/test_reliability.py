@@ -148,7 +148,8 @@ def test_sigterm_drains_in_flight_then_exits_zero(small_server):
     def in_flight() -> None:
         async def run() -> None:
             async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-                result["stream"] = await _stream_text(client, "Hello", 120)
+                # Long enough to still be running after the checks below on a fast machine.
+                result["stream"] = await _stream_text(client, "Hello", 1500)
         asyncio.run(run())
 
     worker = threading.Thread(target=in_flight)
@@ -157,8 +158,11 @@ def test_sigterm_drains_in_flight_then_exits_zero(small_server):
     while _gauge(base, "dgserve_requests_running") < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(small_server.proc.pid, signal.SIGTERM)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{base}/ready", timeout=5).status_code != 503 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert httpx.get(f"{base}/ready", timeout=5).status_code == 503
+    assert _gauge(base, "dgserve_requests_running") == 1  # still draining the in-flight request
     refused = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
                          timeout=5)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
