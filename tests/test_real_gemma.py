@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.config import ServerConfig
+from server.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +18,16 @@ def gemma_loaded():
 
 @pytest.mark.slow
 def test_greedy_completion_is_deterministic_and_sane(gemma_loaded):
-    config = ServerConfig(model="gemma3-270m", device="cpu", max_model_len=8192)
+    # The shipped default config: exact parallel refinement, AR when busy.
+    config = load_config("configs/default.yaml", {"device": "cpu"}, environ={})
     body = {"model": "gemma3-270m", "prompt": "def fibonacci(n):", "max_tokens": 24, "temperature": 0}
     with TestClient(create_app(config, loaded=gemma_loaded)) as client:
         first = client.post("/v1/completions", json=body).json()
         second = client.post("/v1/completions", json=body).json()
+        ar = client.post("/v1/completions", json={**body, "sampler": "ar"}).json()
     text = first["choices"][0]["text"]
-    assert text == second["choices"][0]["text"]
+    assert first["timings"]["sampler"] == config.sampler == "parallel"
+    assert text == second["choices"][0]["text"] == ar["choices"][0]["text"]
     assert first["usage"]["completion_tokens"] == 24
     # A base model continuing a Python signature writes Python: an indented `if` / `return`.
     assert "return" in text or "if n" in text, text
