@@ -87,7 +87,7 @@ def _in_process_tokens_per_s(config: Any, prompts: list[str], max_tokens: int) -
     from sampler.types import SamplingParams
 
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
-    sampler = build_sampler(config.sampler, loaded, getattr(config, config.sampler, None))
+    sampler = build_sampler(config.sampler, loaded, config.sampler_options(config.sampler))
     tokens, elapsed = 0, 0.0
     for i, prompt in enumerate([prompts[0]] + prompts):  # the first run only warms up
 

@@ -123,8 +123,7 @@ def start_engine(state: ServerState, loaded: LoadedModel) -> None:
     cfg = state.config
 
     def factory(name: str):  # type: ignore[no-untyped-def]
-        options = {"parallel": cfg.parallel, "diffusion": cfg.diffusion}.get(name, {})
-        return build_sampler(name, loaded, options)
+        return build_sampler(name, loaded, cfg.sampler_options(name))
 
     engine = Engine(factory, max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue, metrics=state.metrics)
     engine.start()

@@ -63,6 +63,10 @@ class ServerConfig(BaseModel):
     parallel: dict[str, Any] = {}
     diffusion: dict[str, Any] = {}
 
+    def sampler_options(self, name: str) -> dict[str, Any]:
+        """The config's keyword arguments for sampler `name` (its own mapping, or none)."""
+        return {"parallel": self.parallel, "diffusion": self.diffusion}.get(name, {})
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
