@@ -93,24 +93,31 @@ def _same_texts(level: dict[str, Any], reference: dict[str, Any]) -> bool:
                for text in texts if k in reference["texts"])
 
 
-def _http_overhead(base_url: str, model: str, config: Any, prompts: list[str], max_tokens: int) -> dict[str, float]:
+def _in_process_sampler(config: Any) -> tuple[Any, Any]:
+    """The served sampler on its own copy of the model, in this process: (loaded, sampler)."""
+    from sampler.loading import load_model
+    from sampler.registry import build_sampler
+
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
+    return loaded, build_sampler(config.sampler, loaded, config.sampler_options(config.sampler))
+
+
+def _greedy(loaded: Any, max_tokens: int) -> Any:
+    from sampler.types import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=frozenset(loaded.eos_token_ids))
+
+
+def _http_overhead(base_url: str, model: str, loaded: Any, sampler: Any, prompts: list[str],
+                   max_tokens: int) -> dict[str, float]:
     """Single-client HTTP against the in-process sampler, alternating prompt by prompt.
 
     The server is idle while the in-process sampler runs and the other way round, so both see
     the same machine; a drift in the machine's speed lands on both sides.
     """
-    from sampler.loading import load_model
-    from sampler.registry import build_sampler
-    from sampler.types import SamplingParams
-
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
-    sampler = build_sampler(config.sampler, loaded, config.sampler_options(config.sampler))
-
     def in_process(prompt: str) -> tuple[int, float]:
-        ids = list(loaded.tokenizer(prompt)["input_ids"])
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=frozenset(loaded.eos_token_ids))
         start, tokens = time.perf_counter(), 0
-        sampler.add("overhead", ids, params)
+        sampler.add("overhead", list(loaded.tokenizer(prompt)["input_ids"]), _greedy(loaded, max_tokens))
         while sampler.num_active:
             tokens += sum(len(e.token_ids) for e in sampler.step().values())
         return tokens, time.perf_counter() - start
@@ -131,6 +138,22 @@ def _http_overhead(base_url: str, model: str, config: Any, prompts: list[str], m
     http = totals["http"][0] / totals["http"][1]
     local = totals["in_process"][0] / totals["in_process"][1]
     return {"http_single_client_tokens_per_s": http, "in_process_tokens_per_s": local, "http_overhead": 1 - http / local}
+
+
+def _in_process_closed_loop(loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int,
+                            max_tokens: int) -> float:
+    """Aggregate tokens/s of the sampler alone with `concurrency` sequences always in flight
+    (a finished one is replaced at once, prompts cycled): what a level could reach with no
+    server, no HTTP and no client in the way. Same requests as the HTTP level."""
+    ids = [list(loaded.tokenizer(p)["input_ids"]) for p in prompts]
+    sent, tokens = 0, 0
+    start = time.perf_counter()
+    while sent < requests or sampler.num_active:
+        while sampler.num_active < concurrency and sent < requests:
+            sampler.add(f"loop-{sent}", ids[sent % len(ids)], _greedy(loaded, max_tokens))
+            sent += 1
+        tokens += sum(len(e.token_ids) for e in sampler.step().values())
+    return tokens / (time.perf_counter() - start)
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 600) -> None:
@@ -211,10 +234,16 @@ def run(argv: list[str]) -> int:
         _wait_ready(server, f"{base}/ready")
         rows = _load_levels(base, config.model_name, prompts, levels, args.max_tokens, args.requests_per_level,
                             "dgserve")
-        overhead = _http_overhead(base, config.model_name, config, prompts[: args.overhead_prompts], args.max_tokens)
+        loaded, sampler = _in_process_sampler(config)
+        overhead = _http_overhead(base, config.model_name, loaded, sampler, prompts[: args.overhead_prompts],
+                                  args.max_tokens)
     finally:
         server.terminate()
         server.wait(60)
+    top = max(rows, key=lambda r: r["concurrency"])
+    top["in_process_tokens_per_s"] = _in_process_closed_loop(loaded, sampler, prompts, top["concurrency"],
+                                                             top["requests"], args.max_tokens)
+    del loaded, sampler
     peer_rows: list[dict[str, Any]] = []
     if args.peer_transformers_serve:
         from sampler.loading import BUILTIN_GEMMA3_270M, builtin_gemma3_270m_dir
@@ -234,7 +263,6 @@ def run(argv: list[str]) -> int:
         for r in peer_rows:
             r["texts_identical_to_first_level"] = _same_texts(r, peer_rows[0])
         out["peer_transformers_serve"] = [{k: v for k, v in r.items() if k != "texts"} for r in peer_rows]
-    top = max(rows, key=lambda r: r["concurrency"])
     if single:
         out["scaling_top_vs_single"] = top["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
     print(f"\n{'conc':>5} {'reqs':>5} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} "
@@ -249,6 +277,8 @@ def run(argv: list[str]) -> int:
     print(f"HTTP overhead, one client, alternating prompt by prompt with the in-process {config.sampler} sampler: "
           f"{out['http_single_client_tokens_per_s']:.1f} vs {out['in_process_tokens_per_s']:.1f} tok/s "
           f"({100 * out['http_overhead']:.1f} %)")
+    print(f"the {config.sampler} sampler in process, {top['concurrency']} sequences always in flight, same requests: "
+          f"{top['in_process_tokens_per_s']:.1f} tok/s (HTTP: {top['aggregate_tokens_per_s']:.1f})")
     if single:
         print(f"scaling at {top['concurrency']}: {out['scaling_top_vs_single']:.2f}x")
     if args.json_out:

@@ -19,6 +19,7 @@ def test_bench_load_smoke(tmp_path):
     assert data["sampler"] == "ar"  # tiny.yaml serves ar; the in-process baseline runs the same sampler
     assert data["in_process_tokens_per_s"] > 0 and data["http_single_client_tokens_per_s"] > 0
     assert data["http_overhead"] == 1 - data["http_single_client_tokens_per_s"] / data["in_process_tokens_per_s"]
+    assert data["levels"][-1]["in_process_tokens_per_s"] > 0  # the top level's no-server ceiling
     assert "conc" in proc.stdout  # the table
 
 
