@@ -1,4 +1,4 @@
-"""`dgserve` command line: serve (default) or `dgserve bench ...`."""
+"""`dgserve` command line: serve (default), `dgserve bench ...`, `bench-load ...` or `bench-steps ...`."""
 
 from __future__ import annotations
 
@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.load import run as bench_load
 
         return bench_load(argv[1:])
+    if argv and argv[0] == "bench-steps":
+        from bench.step_cost import run as bench_steps
+
+        return bench_steps(argv[1:])
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
     try:
