@@ -116,11 +116,7 @@ def _http_overhead(base_url: str, model: str, loaded: Any, sampler: Any, prompts
     the same machine; a drift in the machine's speed lands on both sides.
     """
     def in_process(prompt: str) -> tuple[int, float]:
-        start, tokens = time.perf_counter(), 0
-        sampler.add("overhead", list(loaded.tokenizer(prompt)["input_ids"]), _greedy(loaded, max_tokens))
-        while sampler.num_active:
-            tokens += sum(len(e.token_ids) for e in sampler.step().values())
-        return tokens, time.perf_counter() - start
+        return _run_in_process(loaded, sampler, [prompt], 1, 1, max_tokens)
 
     async def over_http(prompt: str) -> tuple[int, float]:
         async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
@@ -140,20 +136,27 @@ def _http_overhead(base_url: str, model: str, loaded: Any, sampler: Any, prompts
     return {"http_single_client_tokens_per_s": http, "in_process_tokens_per_s": local, "http_overhead": 1 - http / local}
 
 
-def _in_process_closed_loop(loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int,
-                            max_tokens: int) -> float:
-    """Aggregate tokens/s of the sampler alone with `concurrency` sequences always in flight
-    (a finished one is replaced at once, prompts cycled): what a level could reach with no
-    server, no HTTP and no client in the way. Same requests as the HTTP level."""
+def _run_in_process(loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int,
+                    max_tokens: int) -> tuple[int, float]:
+    """Run `requests` greedy requests (prompts cycled) on the sampler alone with `concurrency`
+    sequences always in flight (a finished one is replaced at once). Returns (tokens, seconds)."""
     ids = [list(loaded.tokenizer(p)["input_ids"]) for p in prompts]
     sent, tokens = 0, 0
     start = time.perf_counter()
     while sent < requests or sampler.num_active:
         while sampler.num_active < concurrency and sent < requests:
-            sampler.add(f"loop-{sent}", ids[sent % len(ids)], _greedy(loaded, max_tokens))
+            sampler.add(f"in-process-{sent}", ids[sent % len(ids)], _greedy(loaded, max_tokens))
             sent += 1
         tokens += sum(len(e.token_ids) for e in sampler.step().values())
-    return tokens / (time.perf_counter() - start)
+    return tokens, time.perf_counter() - start
+
+
+def _in_process_closed_loop(loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int,
+                            max_tokens: int) -> float:
+    """Aggregate tokens/s of the sampler alone, the level's requests always `concurrency` in
+    flight: what a level could reach with no server, no HTTP and no client in the way."""
+    tokens, seconds = _run_in_process(loaded, sampler, prompts, concurrency, requests, max_tokens)
+    return tokens / seconds
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 600) -> None:

@@ -15,9 +15,9 @@ and a 2048 x 640 MLP projection at 16 rows: MKL 1.8, oneDNN 0.7, bfloat16 2.8. S
 * float32 weights: oneDNN's inner product, except for one row against a small weight, where
   MKL's call overhead is lower (0.12 vs 0.17 ms for 1024 x 640).
 * bfloat16 weights on a CPU without native bfloat16: up to 3 rows stay in bfloat16 (half the
-  bytes to stream; head at 1 thread, rows 1/2/3/4: bfloat16 58/91/115/173 ms, widened
-  to float32 95/182/141/163 ms); more rows run in float32 through oneDNN against a float32 copy of the weight (+4 bytes per parameter) and the
-  result is rounded back to bfloat16. A bfloat16 GEMM on such a CPU widens its operands to
+  bytes to stream; head at 1 thread, rows 1/2/3/4: bfloat16 58/91/115/173 ms, widened to
+  float32 95/182/141/163 ms); more rows run in float32 through oneDNN against a float32 copy
+  of the weight (+4 bytes per parameter) and the result is rounded back to bfloat16. A bfloat16 GEMM on such a CPU widens its operands to
   float32 and accumulates in float32 anyway, so the values are those of a bfloat16 GEMM up to
   the order of summation.
 
