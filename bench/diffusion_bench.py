@@ -182,8 +182,8 @@ def _plot(runs: list[dict[str, Any]], path: str) -> None:
 
 def run(argv: list[str]) -> int:
     args, _unknown = _parser().parse_known_args(argv)  # `dgserve bench` may pass refine's flags
-    from sampler.loading import resolve_device, resolve_dtype
-    from sampler.tiny_diffusion import build_tiny_diffusion
+    from sampler.runtime.loading import resolve_device, resolve_dtype
+    from sampler.runtime.tiny_diffusion import build_tiny_diffusion
 
     device_name, dtype_name = args.device, args.dtype
     if args.config:

@@ -95,7 +95,7 @@ def _same_texts(level: dict[str, Any], reference: dict[str, Any]) -> bool:
 
 def _in_process_sampler(config: Any) -> tuple[Any, Any]:
     """The served sampler on its own copy of the model, in this process: (loaded, sampler)."""
-    from sampler.loading import load_model
+    from sampler.runtime.loading import load_model
     from sampler.registry import build_sampler
 
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
@@ -249,7 +249,8 @@ def run(argv: list[str]) -> int:
     del loaded, sampler
     peer_rows: list[dict[str, Any]] = []
     if args.peer_transformers_serve:
-        from sampler.loading import BUILTIN_GEMMA3_270M, builtin_gemma3_270m_dir
+        from sampler.runtime.loading import builtin_gemma3_270m_dir
+        from sampler.runtime.model import BUILTIN_GEMMA3_270M
 
         model_dir = str(builtin_gemma3_270m_dir()) if config.model == BUILTIN_GEMMA3_270M else config.model
         peer_rows = _peer_transformers_serve(model_dir, args.dtype, prompts, levels, args.max_tokens,

@@ -179,7 +179,7 @@ def run(argv: list[str]) -> int:
 def _run(args: argparse.Namespace, config: Any) -> int:
     from rouge_score import rouge_scorer
 
-    from sampler.loading import load_model
+    from sampler.runtime.loading import load_model
 
     dtype = args.dtype or config.dtype
     prompts = load_prompts(args.prompts, args.limit)

@@ -91,7 +91,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
 
-    from sampler.loading import load_model
+    from sampler.runtime.loading import load_model
     from server.config import load_config
 
     if args.threads:

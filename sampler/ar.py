@@ -3,18 +3,18 @@
 Every speed claim of the other samplers is a ratio against this sampler on the same weights
 in the same run, so it is kept plain and fast: newcomers prefill alone (batch 1, last
 logits only), then all running sequences decode together in ONE batched forward per step
-over a shared left-padded KV cache (sampler/kv_batch.py).
+over a shared left-padded KV cache (sampler/runtime/kv_batch.py).
 """
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 
 import torch
 
-from sampler.kv_batch import KVBatch
+from sampler.runtime.kv_batch import KVBatch
 from sampler.logits import sample_tokens
+from sampler.sequence import check_prompt, commit_token, resolve_seed
 from sampler.types import SamplingParams, StepEvent
 
 
@@ -29,23 +29,6 @@ class _Sequence:
     @property
     def next_position(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
-
-
-def resolve_seed(params: SamplingParams) -> int:
-    """A request without a seed still gets its own noise stream, just not a repeatable one."""
-    return params.seed if params.seed is not None else secrets.randbits(63)
-
-
-def commit_token(generated: list[int], token: int, params: SamplingParams) -> StepEvent:
-    """Append `token` to `generated` unless it stops the sequence; say how the step ended.
-
-    Stop tokens (EOS, end of turn) end the sequence and are not part of the output.
-    """
-    if token in params.stop_token_ids:
-        return StepEvent(finish_reason="stop")
-    generated.append(token)
-    reason = "length" if len(generated) >= params.max_tokens else None
-    return StepEvent(token_ids=[token], finish_reason=reason)
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
@@ -81,8 +64,7 @@ class ARSampler:
         return len(self._seqs)
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt must contain at least one token")
+        check_prompt(prompt_ids)
         self._seqs[seq_id] = _Sequence(list(prompt_ids), params, resolve_seed(params))
 
     def cancel(self, seq_id: str) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from sampler.ar import commit_token, resolve_seed
+from sampler.sequence import check_prompt, commit_token, resolve_seed
 from sampler.logits import filter_top_k_top_p, gumbel_noise
 from sampler.ngram_pool import NgramPool
 from sampler.types import SamplingParams, StepEvent
@@ -272,8 +272,7 @@ class ParallelSampler:
         return len(self._seqs)
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt must contain at least one token")
+        check_prompt(prompt_ids)
         steps = params.steps if params.steps is not None else self.steps
         if steps is not None and steps < 1:
             raise ValueError("steps must be >= 1")
@@ -368,7 +367,7 @@ class ParallelSampler:
         """(R, d) final hidden states -> (R, V) logits, soft-capped as the model's forward does.
 
         Through the model's own head, so the kernel per row count is the one AR gets
-        (sampler/cpu_linear.py picks oneDNN for several rows on CPU).
+        (sampler/runtime/cpu_linear.py picks oneDNN for several rows on CPU).
         """
         return self._softcap_fn(self._head(hidden))
 

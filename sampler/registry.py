@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sampler.loading import LoadedModel
+from sampler.runtime.model import LoadedModel
 from sampler.types import BatchSampler
 
 SAMPLERS_FOR_KIND = {"causal": ("ar", "parallel"), "diffusion": ("diffusion",)}

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sampler.loading import LoadedModel, load_model
+from sampler.runtime.loading import load_model
+from sampler.runtime.model import LoadedModel
 from sampler.registry import build_sampler
 from server import __version__
 from server.config import ServerConfig

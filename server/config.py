@@ -28,7 +28,7 @@ class ServerConfig(BaseModel):
     served_model_name: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
-    # CPU matrix-product kernels (sampler/cpu_linear.py): `auto` uses oneDNN where it measured
+    # CPU matrix-product kernels (sampler/runtime/cpu_linear.py): `auto` uses oneDNN where it measured
     # faster and runs bfloat16 products of 4+ rows in float32 on CPUs without native bfloat16;
     # `native` keeps torch's stock kernels.
     cpu_gemm: Literal["auto", "native"] = "auto"

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sampler.loading import LoadedModel
+from sampler.runtime.model import LoadedModel
 from sampler.registry import SAMPLERS_FOR_KIND
 from sampler.types import SamplingParams
 from server.chat import chat_prompt_ids, chat_stop_token_ids, text_prompt_ids

@@ -78,7 +78,7 @@ def tiny_server() -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="session")
 def tiny_loaded():
-    from sampler.loading import load_model
+    from sampler.runtime.loading import load_model
 
     return load_model("tiny-gemma3", dtype="float32", device="cpu")
 

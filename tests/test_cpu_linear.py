@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sampler.cpu_linear import CpuLinear, onednn_linear_works, speed_up_linears
+from sampler.runtime.cpu_linear import CpuLinear, onednn_linear_works, speed_up_linears
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_works(), reason="this torch build has no oneDNN linear")
 
@@ -40,7 +40,7 @@ def test_bfloat16_matches_a_bfloat16_gemm(rows: int) -> None:
 
 def _fresh_tiny_gemma3(tokenizer) -> nn.Module:
     """The tiny model as built, before load_model swaps its linears."""
-    from sampler.tiny import build_tiny_gemma3
+    from sampler.runtime.tiny import build_tiny_gemma3
 
     return build_tiny_gemma3(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id).eval()

@@ -1,6 +1,6 @@
 import pytest
 
-from sampler.tiny import build_tiny_tokenizer
+from sampler.runtime.tiny import build_tiny_tokenizer
 from server.detok import IncrementalDetokenizer
 
 

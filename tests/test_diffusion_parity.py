@@ -20,7 +20,7 @@ from transformers.models.diffusion_gemma import generation_diffusion_gemma as re
 
 from sampler.diffusion import DiffusionSampler
 from sampler.diffusion_math import NOISE_CANVAS, NOISE_RENOISE, NOISE_SAMPLE, keyed_generator
-from sampler.tiny_diffusion import build_tiny_diffusion
+from sampler.runtime.tiny_diffusion import build_tiny_diffusion
 from sampler.types import SamplingParams
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sampler.diffusion import DiffusionSampler
-from sampler.tiny_diffusion import build_tiny_diffusion
+from sampler.runtime.tiny_diffusion import build_tiny_diffusion
 from sampler.types import SamplingParams, StepEvent
 
 CPU = torch.device("cpu")
@@ -185,7 +185,7 @@ def test_cancel_mid_block(model: torch.nn.Module) -> None:
 
 
 def test_registry_config_and_loader() -> None:
-    from sampler.loading import load_model
+    from sampler.runtime.loading import load_model
     from sampler.registry import build_sampler
     from server.config import load_config
 
@@ -208,7 +208,7 @@ def test_registry_config_and_loader() -> None:
 
 def test_save_pretrained_round_trip(tmp_path: Path) -> None:
     """The real checkpoint's path: from_pretrained of a saved DiffusionGemma directory."""
-    from sampler.loading import load_model
+    from sampler.runtime.loading import load_model
 
     tiny = load_model("tiny-diffusion", dtype="float32", device="cpu")
     tiny.model.save_pretrained(tmp_path)

@@ -16,7 +16,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def gemma_f32():
-    from sampler.loading import load_model
+    from sampler.runtime.loading import load_model
 
     return load_model("gemma3-270m", dtype="float32", device="cpu")
 

@@ -11,7 +11,7 @@ from server.config import load_config
 
 @pytest.fixture(scope="module")
 def gemma_loaded():
-    from sampler.loading import load_model
+    from sampler.runtime.loading import load_model
 
     return load_model("gemma3-270m", dtype="float32", device="cpu")
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from sampler.diffusion import RELEASED_DEFAULTS
-from sampler.loading import TINY_DIFFUSION, LoadedModel
+from sampler.diffusion_settings import RELEASED_DEFAULTS
+from sampler.runtime.model import TINY_DIFFUSION, LoadedModel
 
 
 def tiny_diffusion_config(vocab_size: int = 1024, canvas_length: int = 32, *, pad_token_id: int = 0,
@@ -82,7 +82,7 @@ def build_tiny_diffusion(vocab_size: int = 1024, canvas_length: int = 32, *, eos
 
 def load_tiny_diffusion(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """`load_model('tiny-diffusion')`: the tiny model plus the tiny byte-level tokenizer."""
-    from sampler.tiny import END_OF_TURN, EOS, build_tiny_tokenizer
+    from sampler.runtime.tiny import END_OF_TURN, EOS, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     eos_ids = [tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(END_OF_TURN)]

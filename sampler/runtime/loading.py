@@ -12,40 +12,24 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from sampler.cpu_linear import CpuGemm, speed_up_linears
+from sampler.runtime.cpu_linear import CpuGemm, speed_up_linears
+from sampler.runtime.model import (
+    BUILTIN_GEMMA3_270M,
+    TINY_DIFFUSION,
+    TINY_GEMMA3,
+    LoadedModel,
+    ModelKind,
+)
 
 log = logging.getLogger("dgserve.loading")
 
-BUILTIN_GEMMA3_270M = "gemma3-270m"
-TINY_GEMMA3 = "tiny-gemma3"
-TINY_DIFFUSION = "tiny-diffusion"
 # Bump when the cached layout changes, so old caches are rebuilt instead of misread.
 _CACHE_FORMAT = 1
-
-ModelKind = Literal["causal", "diffusion"]
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to serve: the torch module, its tokenizer and what the server needs."""
-
-    model: torch.nn.Module
-    tokenizer: Any  # a transformers PreTrainedTokenizerBase
-    kind: ModelKind
-    eos_token_ids: list[int]
-    device: torch.device
-    dtype: torch.dtype
-    source: str
-    max_context: int
-    generation_config: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
 
 def cache_root() -> Path:
     return Path(os.environ.get("DGSERVE_CACHE", Path.home() / ".cache" / "dgserve")).expanduser()
@@ -165,7 +149,7 @@ def _load_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device) 
 
 
 def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    from sampler.tiny import EOS, build_tiny_gemma3, build_tiny_tokenizer
+    from sampler.runtime.tiny import EOS, build_tiny_gemma3, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_gemma3(
@@ -190,7 +174,7 @@ def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
 def load_model(spec: str, *, dtype: str = "float32", device: str = "auto", cpu_gemm: CpuGemm = "auto") -> LoadedModel:
     """Load what `spec` names: a built-in name, a .gguf file, a local directory or a hub id.
 
-    On CPU the linear layers get the kernels `cpu_gemm` asks for (sampler/cpu_linear.py).
+    On CPU the linear layers get the kernels `cpu_gemm` asks for (sampler/runtime/cpu_linear.py).
     """
     loaded = _load(spec, resolve_dtype(dtype), resolve_device(device))
     if loaded.device.type == "cpu":
@@ -202,7 +186,7 @@ def _load(spec: str, torch_dtype: torch.dtype, torch_device: torch.device) -> Lo
     if spec == TINY_GEMMA3:
         return _load_tiny_gemma3(torch_dtype, torch_device)
     if spec == TINY_DIFFUSION:
-        from sampler.tiny_diffusion import load_tiny_diffusion
+        from sampler.runtime.tiny_diffusion import load_tiny_diffusion
 
         return load_tiny_diffusion(torch_dtype, torch_device)
     if spec == BUILTIN_GEMMA3_270M:
