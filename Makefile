@@ -1,5 +1,5 @@
-# The README's two commands: `make serve` and `make test`. The Dockerfile runs the same
-# install commands (tests/test_deploy.py keeps the two in step).
+# The README's two commands: `make serve` and `make test` (which lints first, so CI does too).
+# The Dockerfile runs the same install commands (tests/test_deploy.py keeps the two in step).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 
-.PHONY: install serve test bench clean
+.PHONY: install serve lint test bench clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,13 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(VENV)/bin/dgserve --config $(CONFIG)
 
-test: install
+# ruff and mypy read their settings from pyproject.toml; mypy checks server/, sampler/ and bench/.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(PY) -m pytest -q
 
 bench: install
