@@ -1,59 +1,23 @@
-"""Block-diffusion sampler for DiffusionGemma checkpoints (`DiffusionGemmaForBlockDiffusion`).
-
-It re-implements transformers' `DiffusionGemmaGenerationMixin.generate` loop per row, so
-that rows of concurrent requests share one decoder forward per step:
-
-- The encoder (causal) writes each row's own KV cache: the prompt, then every committed
-  block. Each row keeps a batch-1 `DynamicCache`, so what a row has cached never depends
-  on the other rows (no padding inside the cache, positions count real tokens only).
-- The decoder (bidirectional over the canvas, reads the cache, never writes it) runs once
-  per `step()` for all active rows: the rows' caches are stacked left-padded into one
-  read-only view with a boolean attention mask (right padding would be wrong).
-- Rows are not aligned: each carries its own block index and step counter. A new request
-  starts its first block at the next `step()`; a row that commits a block runs its encoder
-  pass on that block at the next `step()` and keeps denoising alongside the others.
-
-One denoising step of a row, at remaining-step s = N..1 (N = max_denoising_steps):
-  z = decoder logits / temperature(s), temperature(s) = t_min + (t_max - t_min) * s / N
-  per position: a sample from softmax(z), the entropy of softmax(z), argmax(z)
-  accept the lowest-entropy positions whose cumulative entropy minus the largest stays
-  within entropy_bound (at least one); they keep their sample, the rest get random tokens
-  z becomes the self-conditioning input of the next step
-  the block is done when its argmax canvas equals the previous `stability_threshold`
-  steps' and its mean entropy is below `confidence_threshold`, or after N steps.
-The argmax canvas is committed, cut at the first stop token and at max_tokens.
-
-Randomness: by default ("keyed") every draw comes from a generator keyed by (request seed,
-block, step, purpose), so a seeded request gives the same tokens alone or batched. "global"
-draws from the global torch RNG in the reference's call order; with one active row it
-reproduces `generate` token for token (the parity tests use it).
+"""Block-diffusion sampler for DiffusionGemma checkpoints (`DiffusionGemmaForBlockDiffusion`):
+transformers' `generate` loop per row, with the rows of concurrent requests sharing one decoder
+forward per step. Design, step formulas and randomness: docs/diffusion.md ("Code layout").
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from sampler.sequence import check_prompt, resolve_seed
-from sampler.diffusion_math import (
-    NOISE_CANVAS,
-    NOISE_RENOISE,
-    NOISE_SAMPLE,
-    entropy_bound_accept,
-    gumbel_max,
-    gumbel_max_entropy,
-    keyed_generator,
-    reference_sample_entropy,
-    schedule_temperature,
-)
+from sampler.diffusion_noise import NoiseKey, noise_source
 from sampler.diffusion_settings import DiffusionSettings
+from sampler.diffusion_step import RowState, StepResult, denoise_step
+from sampler.runtime.stacked_cache import StackedCache, stack_caches
+from sampler.sequence import check_prompt, resolve_seed
 from sampler.types import FinishReason, SamplingParams, StepEvent
 
-NoiseMode = Literal["keyed", "global"]
 
 @dataclass
 class _Row:
@@ -74,32 +38,30 @@ class _Row:
     self_cond: torch.Tensor | None = None  # (C, V) tempered logits of the previous step
     history: list[torch.Tensor] = field(default_factory=list)  # last argmax canvases, oldest first
 
+    def state(self) -> RowState:
+        return RowState(self.settings, self.params.temperature, self.seed, self.block, self.steps_done,
+                        self.history)
 
-class _CacheView:
-    """Read-only stacked KV for one decoder forward: what `append_to_cache` reads.
+    def start_block(self) -> None:
+        """Move to the next block; the caller draws its initial canvas."""
+        self.block += 1
+        self.steps_done = 0
+        self.end_block()
 
-    The decoder only concatenates `layers[i].keys/values` with the canvas K/V and never
-    writes, so a plain holder of (B, H, L, D) tensors is enough.
-    """
+    def end_block(self) -> None:
+        """Drop the finished block's tensors (self_cond is (C, V): large)."""
+        self.canvas = self.argmax = self.self_cond = None
+        self.history = []
 
-    is_compileable = False
+    def decoder_input(self) -> torch.Tensor:
+        assert self.canvas is not None, "a block starts with a canvas"
+        return self.canvas
 
-    def __init__(self, layers: list[Any]) -> None:
-        self.layers = layers
-
-
-@dataclass
-class _KV:
-    keys: torch.Tensor
-    values: torch.Tensor
-
-
-def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    """(1, H, n, D) → (1, H, length, D) with zeros on the left (length >= n)."""
-    missing = length - x.shape[-2]
-    if missing == 0:
-        return x
-    return torch.cat([x.new_zeros(x.shape[0], x.shape[1], missing, x.shape[3]), x], dim=-2)
+    def advance(self, result: StepResult, b: int) -> None:
+        """Take row b of a step's result."""
+        self.canvas, self.argmax, self.self_cond = result.canvas[b], result.argmax[b], result.self_cond[b]
+        self.history = result.history[b]
+        self.steps_done += 1
 
 
 class DiffusionSampler:
@@ -111,7 +73,7 @@ class DiffusionSampler:
                  max_denoising_steps: int | None = None, entropy_bound: float | None = None,
                  t_min: float | None = None, t_max: float | None = None,
                  stability_threshold: int | None = None, confidence_threshold: float | None = None,
-                 noise: NoiseMode = "keyed", batch_invariant: bool = False, max_batch_rows: int | None = None,
+                 noise: str = "keyed", batch_invariant: bool = False, max_batch_rows: int | None = None,
                  profile: bool = False) -> None:
         """`generation_config` None: the model's own. Keyword defaults override it (config
         key `diffusion`); a request's extension fields override those.
@@ -123,10 +85,10 @@ class DiffusionSampler:
         request's output bitwise independent of the other requests, at the cost of batching.
         max_batch_rows: most rows per decoder forward (None: all active rows); more rows are
         split into several forwards per step, each row still advances one step per step().
+        noise: "keyed" (per-request streams) or "global" (the reference's RNG order, parity only).
         profile: synchronise the device around each phase so `stats` times are exact.
         """
-        if noise not in ("keyed", "global"):
-            raise ValueError(f"noise must be 'keyed' or 'global', got {noise!r}")
+        self.noise = noise_source(noise)
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         self.model = model
@@ -142,13 +104,12 @@ class DiffusionSampler:
         ).override(max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound, t_min=t_min,
                    t_max=t_max, stability_threshold=stability_threshold,
                    confidence_threshold=confidence_threshold)
-        self.noise = noise
         self.max_batch_rows = 1 if batch_invariant else max_batch_rows
         self.profile = profile
         self._rows: dict[str, _Row] = {}
         # Stacked caches of the last step, by group composition: rebuilt only when a row
         # joins, leaves or encodes a block (the decoder never changes a cache).
-        self._views: dict[tuple[tuple[str, int], ...], tuple[_CacheView, dict[str, torch.Tensor] | None]] = {}
+        self._views: dict[tuple[tuple[str, int], ...], StackedCache] = {}
         self._last_self_cond: dict[tuple[str, ...], torch.Tensor] = {}
         # Seconds per phase and counts, for the benchmark and metrics.
         self.stats: dict[str, float] = {"encoder_s": 0.0, "decoder_s": 0.0, "sampling_s": 0.0,
@@ -205,7 +166,7 @@ class DiffusionSampler:
         for lo in range(0, len(rows), size):
             group = rows[lo:lo + size]
             done = self._denoise(group, used_views, used_self_cond)
-            for row, finished_block in zip(group, done):
+            for row, finished_block in zip(group, done, strict=True):
                 forwards[row.seq_id] += 1
                 events[row.seq_id] = self._event(row, finished_block, forwards[row.seq_id])
         # Drop stacked caches and self-conditioning batches no group used this step.
@@ -237,50 +198,18 @@ class DiffusionSampler:
         self.stats["encoder_passes"] += 1
         row.encoded += n
         row.pending = []
-        row.block += 1
-        row.steps_done = 0
-        row.self_cond = None
-        row.history = []
-        row.argmax = None
-        if self.noise == "global":
-            canvas = torch.randint(0, self.vocab_size, (1, self.canvas_length), device=self.device)[0]
-        else:
-            gen = keyed_generator(row.seed, row.block, 0, NOISE_CANVAS, self.device)
-            canvas = torch.randint(0, self.vocab_size, (self.canvas_length,), generator=gen, device=self.device)
-        row.canvas = canvas
+        row.start_block()
+        row.canvas = self.noise.initial_canvas(NoiseKey(row.seed, row.block, 0), self.canvas_length,
+                                               self.vocab_size, self.device)
 
-    def _stacked_cache(self, group: list[_Row], used: set) -> tuple[_CacheView, dict[str, torch.Tensor] | None]:
-        """Rows' caches as one left-padded (B, H, L, D) view per layer, plus decoder masks.
-
-        Masks are None when no row needs padding (the reference's own unpadded path);
-        otherwise a boolean (B, 1, C, L + C) per layer type: a row sees its own cached
-        columns (the last n_b of L) and the whole canvas.
-        """
+    def _stacked_cache(self, group: list[_Row], used: set) -> StackedCache:
+        """The group's caches stacked for one decoder forward, reused while no row joins,
+        leaves or encodes a block (the decoder never changes a cache)."""
         key = tuple((row.seq_id, row.encoded) for row in group)
         used.add(key)
-        if key in self._views:
-            return self._views[key]
-        layers, lengths = [], {}
-        for i, layer_type in enumerate(self._layer_types):
-            per_row = [row.cache.layers[i] for row in group]
-            sizes = [layer.keys.shape[-2] for layer in per_row]
-            longest = max(sizes)
-            lengths.setdefault(layer_type, (sizes, longest))
-            if len(group) == 1:
-                layers.append(_KV(per_row[0].keys, per_row[0].values))
-            else:
-                layers.append(_KV(torch.cat([_left_pad(x.keys, longest) for x in per_row]),
-                                  torch.cat([_left_pad(x.values, longest) for x in per_row])))
-        masks: dict[str, torch.Tensor] | None = None
-        if any(min(sizes) != longest for sizes, longest in lengths.values()):
-            masks = {}
-            canvas = self.canvas_length
-            for layer_type, (sizes, longest) in lengths.items():
-                columns = torch.arange(longest + canvas, device=self.device)
-                first_real = torch.tensor([longest - n for n in sizes], device=self.device)
-                visible = columns[None, :] >= first_real[:, None]  # (B, L + C)
-                masks[layer_type] = visible[:, None, None, :].expand(len(group), 1, canvas, longest + canvas)
-        self._views[key] = (_CacheView(layers), masks)
+        if key not in self._views:
+            self._views[key] = stack_caches([row.cache for row in group], self._layer_types, self.canvas_length,
+                                            self.device)
         return self._views[key]
 
     def _self_conditioning(self, group: list[_Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -305,85 +234,38 @@ class DiffusionSampler:
         mask = None if all(have) else torch.tensor(have, device=self.device)
         return stacked, mask
 
-    def _temperature(self, row: _Row, step: int) -> torch.Tensor:
-        """0-d float32 temperature of this row's step; request temperature scales the schedule.
-
-        temperature 1 (OpenAI's default) is the checkpoint's schedule bit for bit; temperature
-        0 (greedy) keeps the unscaled schedule for the entropies and takes argmax samples.
-        """
-        s = row.settings
-        base = schedule_temperature(step, s.max_denoising_steps, s.t_min, s.t_max, self.device)
-        scale = row.params.temperature
-        return base if scale <= 0.0 or scale == 1.0 else base * scale
-
-    def _position_noise(self, row: _Row, step: int) -> Callable[[int], torch.Generator]:
-        return lambda position: keyed_generator(row.seed, row.block, step, NOISE_SAMPLE, self.device, position)
-
-    def _denoise(self, group: list[_Row], used_views: set, used_self_cond: set) -> list[bool]:
-        """One decoder forward for `group` and each row's accept / renoise / stop decision.
-
-        Returns, per row, whether its block is done (stable and confident, or N steps).
-        """
-        started = self._clock()
-        batch, canvas_len = len(group), self.canvas_length
-        steps = [row.settings.max_denoising_steps - row.steps_done for row in group]  # s = N..1
+    def _decoder_logits(self, group: list[_Row], used_views: set) -> torch.Tensor:
+        """One decoder forward over the group's canvases: (B, C, V) float32 soft-capped logits."""
+        canvas_len = self.canvas_length
         view, masks = self._stacked_cache(group, used_views)
         self_cond, self_cond_mask = self._self_conditioning(group)
-        canvas = torch.stack([row.canvas for row in group])  # (B, C)
+        canvas = torch.stack([row.decoder_input() for row in group])  # (B, C)
         offsets = torch.tensor([row.encoded for row in group], dtype=torch.int32, device=self.device)
         positions = offsets[:, None] + torch.arange(canvas_len, dtype=torch.int32, device=self.device)[None]
         logits = self.model(decoder_input_ids=canvas, cache=view, self_conditioning_logits=self_cond,
                             self_conditioning_mask=self_cond_mask, decoder_attention_mask=masks,
-                            decoder_position_ids=positions).logits  # (B, C, V) float32, soft-capped
+                            decoder_position_ids=positions).logits
         self.stats["decoder_passes"] += 1
+        return logits
+
+    def _denoise(self, group: list[_Row], used_views: set, used_self_cond: set) -> list[bool]:
+        """One decoder forward for `group`, then the denoising step of each row.
+
+        Returns, per row, whether its block is done (stable and confident, or N steps).
+        """
+        started = self._clock()
+        logits = self._decoder_logits(group, used_views)
         mid = self._clock()
         self.stats["decoder_s"] += mid - started
-
-        temperatures = torch.stack([self._temperature(row, s) for row, s in zip(group, steps)])
-        z = logits.div_(temperatures.view(batch, 1, 1))  # in place: the (B, C, V) logits die here
-        bounds = torch.tensor([[row.settings.entropy_bound] for row in group], device=self.device)
-        if self.noise == "global":
-            sample, argmax, entropy = reference_sample_entropy(z)
-            accepted = entropy_bound_accept(entropy, bounds)
-        else:
-            # Acceptance needs only the entropies, and rejected positions are re-noised, so
-            # Gumbel noise is drawn for accepted positions only (keyed per position: the
-            # same tokens as drawing everywhere, at a fraction of the cost).
-            _, flat_argmax, flat_entropy = gumbel_max_entropy(z.view(-1, self.vocab_size), None)
-            argmax, entropy = flat_argmax.view(batch, canvas_len), flat_entropy.view(batch, canvas_len)
-            accepted = entropy_bound_accept(entropy, bounds)
-            sample = argmax.clone()
-            for b, (row, s) in enumerate(zip(group, steps)):
-                if not row.params.greedy:
-                    positions = accepted[b].nonzero().view(-1).tolist()
-                    sample[b, positions] = gumbel_max(z[b], positions, self._position_noise(row, s))
-        if self.noise == "global":
-            noise = torch.cat([torch.randint(0, self.vocab_size, (1, canvas_len), device=self.device)
-                               for _ in group])
-        else:
-            noise = torch.stack([torch.randint(
-                0, self.vocab_size, (canvas_len,), device=self.device,
-                generator=keyed_generator(row.seed, row.block, s, NOISE_RENOISE, self.device))
-                for row, s in zip(group, steps)])
-        new_canvas = torch.where(accepted, sample, noise)
-        mean_entropy = entropy.mean(dim=-1).tolist()
-        self_cond_next = z.to(self._embed_dtype)
-        self._last_self_cond[tuple(row.seq_id for row in group)] = self_cond_next
-        used_self_cond.add(tuple(row.seq_id for row in group))
-
-        done = []
+        result = denoise_step(logits, [row.state() for row in group], self.noise, self._embed_dtype)
+        key = tuple(row.seq_id for row in group)
+        self._last_self_cond[key] = result.self_cond
+        used_self_cond.add(key)
         for b, row in enumerate(group):
-            threshold = row.settings.stability_threshold
-            stable = len(row.history) >= threshold and all(torch.equal(h, argmax[b]) for h in row.history)
-            confident = mean_entropy[b] < row.settings.confidence_threshold
-            if threshold:
-                row.history = (row.history + [argmax[b]])[-threshold:]
-            row.canvas, row.argmax, row.self_cond = new_canvas[b], argmax[b], self_cond_next[b]
-            row.steps_done += 1
-            done.append((stable and confident) or row.steps_done >= row.settings.max_denoising_steps)
-        self.stats["row_steps"] += batch
+            row.advance(result, b)
+        self.stats["row_steps"] += len(group)
         self.stats["sampling_s"] += self._clock() - mid
-        return done
+        return result.done
 
     def _trim(self, row: _Row, tokens: list[int]) -> tuple[list[int], FinishReason | None]:
         """Tokens of a canvas that would be emitted: cut at the first stop token (which is
@@ -416,6 +298,5 @@ class DiffusionSampler:
             del self._rows[row.seq_id]
         else:
             row.pending = canvas  # the whole argmax canvas is context for the next block
-            row.canvas = row.self_cond = row.argmax = None
-            row.history = []
+            row.end_block()
         return event
