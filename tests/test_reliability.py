@@ -194,7 +194,7 @@ def test_dead_model_thread_fails_fast_and_turns_health_red(tiny_loaded):
             def step(self):
                 raise _Doom("simulated crash")
 
-        engine._samplers["ar"] = Exploding()
+        engine.core.samplers["ar"] = Exploding()
         r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
         assert client.get("/health").status_code == 503
