@@ -12,18 +12,41 @@ from typing import Any
 
 
 class IncrementalDetokenizer:
+    """Decodes only a short window of tokens per step (vLLM's `detokenize_incrementally` idea).
+
+    `ids[prefix_offset:read_offset]` are tokens already turned into text, kept as context:
+    decoding a token alone can differ from decoding it after its neighbours (a tokenizer may
+    drop a leading space or merge bytes), so the new text is `decode(ids[prefix_offset:])`
+    minus `decode(ids[prefix_offset:read_offset])`. The sum of these deltas equals a decode
+    of all ids, for the cost of a few tokens per step instead of the whole output.
+    """
+
     def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
         self._tokenizer = tokenizer
         self._stop = [s for s in (stop or []) if s]
         self._ids: list[int] = []
-        self._decoded = ""  # decode(all ids) the last time it ended on a complete character
-        self._emitted = 0  # chars of the visible text already handed out
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._decoded = ""  # decode(ids[:read_offset]): the text up to the last complete character
+        self._emitted = 0  # chars of `_decoded` already handed out
         self.stopped = False
         # Tokens consumed up to and including the one that completed a stop string.
         self.num_tokens = 0
 
-    def _visible(self) -> str:
-        return self._decoded
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _read_new_text(self) -> str:
+        """Text the unread tokens add, or "" while they end inside a character (or add none).
+
+        Offsets move only when text is read, so the window always starts on a character boundary.
+        """
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return new_text[len(prefix_text) :]
 
     def _hold_back(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop string."""
@@ -43,10 +66,10 @@ class IncrementalDetokenizer:
             # One token at a time so a stop string is caught at the token that completes it.
             self._ids.append(token)
             self.num_tokens += 1
-            text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # incomplete multi-byte character: wait for its other bytes
-            self._decoded = text
+            new_text = self._read_new_text()
+            if not new_text:
+                continue
+            self._decoded += new_text
             if self._stop:
                 # Only the new tail (plus a stop string's length of context) can hold a match.
                 start = max(0, self._emitted - max(len(s) for s in self._stop))
@@ -61,18 +84,15 @@ class IncrementalDetokenizer:
         text = self._decoded
         end = len(text) if final else len(text) - self._hold_back(text)
         end = max(end, self._emitted)
-        out = text[self._emitted:end]
+        out = text[self._emitted : end]
         self._emitted = end
         return out
 
     def flush(self) -> str:
         """At the end of generation: hand out held-back text (it can no longer become a stop)."""
-        if not self.stopped and self._ids:
-            text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        if not self.stopped and self._read_offset < len(self._ids):
+            prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            tail = self._decode(self._ids[self._prefix_offset :])[len(prefix_text) :]
             # A dangling partial character at the very end is dropped, not shown as U+FFFD.
-            self._decoded = text.rstrip("\ufffd") if text.endswith("\ufffd") else text
+            self._decoded += tail.rstrip("\ufffd") if tail.endswith("\ufffd") else tail
         return self._take(final=True)
-
-    @property
-    def text(self) -> str:
-        return self._decoded[: self._emitted]

@@ -62,3 +62,33 @@ def test_earliest_of_several_stops_wins(tok):
     assert "".join(pieces) == "1. first item"
     # Tokens counted stop at the one that completed the stop string.
     assert detok.num_tokens <= len(ids)
+
+
+def test_long_multibyte_output_equals_whole_decode(tok):
+    text = "東京 🙂 café — naïve 日本語; def f(x): return x ** 2\n" * 40
+    ids = tok(text)["input_ids"]
+    assert len(ids) > 500
+    for chunk in (1, 4):
+        pieces, _ = feed(tok, ids, chunk=chunk)
+        assert "".join(pieces) == tok.decode(ids)
+
+
+class _RecordingTokenizer:
+    """Wraps a tokenizer and remembers the longest id list it was asked to decode."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.longest = 0
+
+    def decode(self, ids, **kwargs):
+        self.longest = max(self.longest, len(ids))
+        return self._tok.decode(ids, **kwargs)
+
+
+def test_each_step_decodes_a_short_window_not_the_whole_output(tok):
+    ids = tok("naïve café 🙂 " * 100)["input_ids"]
+    recording = _RecordingTokenizer(tok)
+    pieces, _ = feed(recording, ids)
+    assert "".join(pieces) == tok.decode(ids)
+    # A window spans the last read tokens plus the unread ones (an incomplete character's bytes).
+    assert recording.longest <= 8, recording.longest
