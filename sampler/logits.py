@@ -59,6 +59,37 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's final-logit soft-capping, cap * tanh(logits / cap), any shape; None: unchanged."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def draw_tokens(
+    logits: torch.Tensor,
+    noise: torch.Tensor | None,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> torch.Tensor:
+    """Pick one token per row of (N, V) `logits` with the given (N, V) Gumbel `noise` (CPU).
+
+    temperature <= 0 is greedy argmax and needs no noise. Otherwise Gumbel-max over filtered,
+    tempered logits, which samples exactly from softmax(filtered / temperature) when `noise`
+    is standard Gumbel. Callers that draw a position twice pass the same noise rows, so both
+    draws agree. Returns (N,) int64 on CPU.
+    """
+    logits = logits.float()
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1).cpu()
+    if noise is None:
+        raise ValueError("sampling at temperature > 0 needs noise")
+    scaled = filter_top_k_top_p(logits / temperature, top_k, top_p).cpu()
+    return (scaled + noise).argmax(dim=-1)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     positions: list[int],
@@ -70,11 +101,7 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Pick one token per row of (N, V) `logits`; row i is for absolute position positions[i].
 
-    temperature <= 0 is greedy argmax. Otherwise Gumbel-max over filtered, tempered logits,
-    which samples exactly from softmax(filtered / temperature). Returns (N,) int64 on CPU.
+    `draw_tokens` with noise keyed by (seed, positions[i]). Returns (N,) int64 on CPU.
     """
-    logits = logits.float()
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1).cpu()
-    scaled = filter_top_k_top_p(logits / temperature, top_k, top_p).cpu()
-    return (scaled + gumbel_noise(seed, positions, scaled.shape[-1])).argmax(dim=-1)
+    noise = gumbel_noise(seed, positions, logits.shape[-1]) if temperature > 0.0 else None
+    return draw_tokens(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)

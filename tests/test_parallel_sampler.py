@@ -16,7 +16,9 @@ from transformers import DynamicCache
 from sampler.ar import ARSampler
 from sampler.ngram_pool import NgramPool
 from sampler.parallel import ParallelSampler
+from sampler.parallel_draws import Shortlist
 from sampler.registry import build_sampler
+from sampler.runtime.kv_compaction import keep_new_rows
 from sampler.types import SamplingParams, StepEvent
 
 WINDOW = 16  # the tiny model's sliding window
@@ -126,7 +128,7 @@ def test_kv_cache_matches_ar_past_the_window(tiny_loaded):
 
 
 def test_keep_rows_compacts_new_rows(tiny_loaded):
-    """`_keep_rows` keeps the chosen appended rows in order and trims sliding layers to W - 1."""
+    """`keep_new_rows` keeps the chosen appended rows in order and trims sliding layers to W - 1."""
     config = tiny_loaded.model.config
     cache = DynamicCache(config=config)
     cache.activate_past_recording()
@@ -140,7 +142,7 @@ def test_keep_rows_compacts_new_rows(tiny_loaded):
     cache.crop(0)  # as after a step: sliding layers trimmed to their last W - 1 rows
     for layer_idx in range(config.num_hidden_layers):
         cache.update(rows(past, past + new), rows(past, past + new), layer_idx)
-    ParallelSampler._keep_rows(cache, new, [0, 2, 5])
+    keep_new_rows(cache, new, [0, 2, 5])
     for layer in cache.layers:
         rows = layer.keys[0, 0, :, 0].tolist()
         expected = list(range(past)) + [past, past + 2, past + 5]
@@ -275,10 +277,8 @@ def test_ngram_pool_candidates():
 
 
 def test_shortlist_ring_keeps_rows_in_step():
-    from sampler.parallel import _Shortlist
-
     head = torch.randn(50, 8)
-    shortlist = _Shortlist(head, capacity=4)
+    shortlist = Shortlist(head, capacity=4)
     shortlist.add([3, 5, 3, 7])
     shortlist.add([9, 11, 13])  # wraps: the two oldest (3, 5) leave
     assert shortlist.size == 4 and set(shortlist.slot) == {7, 9, 11, 13}

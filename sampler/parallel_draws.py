@@ -1,0 +1,110 @@
+"""Next-token draws for the rows of one parallel-refinement forward, guessed cheaply from a shortlist first.
+
+Why full logits only where a token is drawn: docs/parallel.md ("Logits only where needed").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sampler.logits import draw_tokens, gumbel_noise, softcap
+from sampler.parallel_tree import GuessTree
+from sampler.types import SamplingParams
+
+
+class Shortlist:
+    """A ring of up to `capacity` likely next tokens and their LM-head rows, per sequence.
+
+    Fed with the context's tokens and every token drawn from full logits, so it follows the
+    text (adding each row's top-k as well measured no better). `weight[:size]` are the head
+    rows of `ids[:size]`, in float32.
+    """
+
+    def __init__(self, head_weight: torch.Tensor, capacity: int) -> None:
+        self.head_weight = head_weight  # (V, d)
+        self.capacity = capacity
+        self.ids = torch.zeros(capacity, dtype=torch.long)
+        self.weight = head_weight.new_empty(capacity, head_weight.shape[1], dtype=torch.float32)  # (capacity, d)
+        self.slot: dict[int, int] = {}
+        self.size = 0
+        self._next = 0
+
+    def add(self, tokens: list[int]) -> None:
+        fresh = list(dict.fromkeys(t for t in tokens if t not in self.slot))[-self.capacity :]
+        if not fresh:
+            return
+        slots = []
+        for token in fresh:
+            slot = self._next
+            self._next = (self._next + 1) % self.capacity
+            old = int(self.ids[slot])
+            if self.size == self.capacity and self.slot.get(old) == slot:
+                del self.slot[old]
+            self.slot[token] = slot
+            slots.append(slot)
+            self.size = min(self.size + 1, self.capacity)
+        idx = torch.tensor(slots)
+        ids = torch.tensor(fresh)
+        self.ids[idx] = ids
+        rows = self.head_weight.index_select(0, ids.to(self.head_weight.device)).float()
+        self.weight[idx.to(self.weight.device)] = rows
+
+
+class Draws:
+    """Next-token choices for the R draw rows of one forward: row 0 is the root, row 1 + i is
+    tree node i, and row r predicts absolute position positions[r].
+
+    `exact[r]` is drawn from full logits exactly as AR would draw it (same logits, same noise
+    keyed by (seed, position)); `guess[r]` comes from the shortlist and is only used to decide
+    which rows to compute exactly and what to try next. `head` is the model's own output
+    module, so a head call over k rows gets the kernel AR's does (sampler/runtime/cpu_linear.py);
+    its logits are soft-capped by `cap` as the model's forward does. `shortlist` None: no guesses.
+    """
+
+    def __init__(self, hidden: torch.Tensor, positions: list[int], *, head: torch.nn.Module, cap: float | None,
+                 vocab_size: int, params: SamplingParams, seed: int, shortlist: Shortlist | None) -> None:
+        self.hidden, self.positions = hidden, positions  # hidden: (R, d)
+        self.head, self.cap, self.vocab_size = head, cap, vocab_size
+        self.params, self.seed, self.shortlist = params, seed, shortlist
+        self.exact: dict[int, int] = {}
+        self._noise: dict[int, torch.Tensor] = {}  # position -> (V,) Gumbel noise (sampling only)
+        self.guess: list[int] = [-1] * len(positions)  # -1: no guess (the shortlist is off)
+        if shortlist is not None:
+            ids = shortlist.ids[: shortlist.size]
+            # float32 even for a bfloat16 model: R x S x d is small, and fp32 GEMM is fast here.
+            approx = softcap(hidden.float() @ shortlist.weight[: shortlist.size].T, cap)  # (R, S)
+            noise = None if params.greedy else self._noise_rows(positions)[:, ids]
+            # Unfiltered by top-k / top-p: a guess only picks what to verify.
+            picked = draw_tokens(approx, noise, temperature=params.temperature, top_k=0, top_p=1.0)
+            self.guess = ids[picked].tolist()
+
+    def _noise_rows(self, positions: list[int]) -> torch.Tensor:
+        """(len(positions), V) noise; each position's row is drawn once and reused."""
+        for position in positions:
+            if position not in self._noise:
+                self._noise[position] = gumbel_noise(self.seed, [position], self.vocab_size)[0]
+        return torch.stack([self._noise[p] for p in positions])
+
+    def best(self, row: int) -> int:
+        return self.exact.get(row, self.guess[row])
+
+    def ensure(self, rows: list[int]) -> None:
+        """Full logits for `rows` (one head call), drawn with AR's arithmetic (`draw_tokens`)."""
+        rows = [r for r in dict.fromkeys(rows) if r not in self.exact]
+        if not rows:
+            return
+        p = self.params
+        logits = softcap(self.head(self.hidden[rows]), self.cap)  # (k, V)
+        noise = None if p.greedy else self._noise_rows([self.positions[r] for r in rows])
+        tokens = draw_tokens(logits, noise, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p).tolist()
+        self.exact.update(zip(rows, tokens, strict=True))
+        if self.shortlist is not None:
+            self.shortlist.add(tokens)
+
+    def guessed_path(self, tree: GuessTree, row: int) -> list[int]:
+        """`row` and the rows reached from it by following the current best tokens."""
+        rows = [row]
+        while (node := tree.kids_of_row(row).get(self.best(row))) is not None:
+            row = 1 + node
+            rows.append(row)
+        return rows
