@@ -1,16 +1,9 @@
 """Candidate continuations ("n-gram drafts") for the parallel refinement sampler.
 
-Two sources, both cheap Python bookkeeping next to a forward pass:
-
-1. Context lookup: earlier places in the prompt or the output so far where the current suffix
-   (its last 1..key_len tokens) already occurred; what followed them there is a candidate.
-   Base models repeat themselves (code, JSON keys, list items, quoted text), so this is where
-   most long accepted runs come from.
-2. Refinement trajectory: n-grams the Jacobi draft proposed in earlier forwards, keyed by their
-   first token. They help where the text is new but locally predictable.
-
-Candidates are only guesses: the sampler verifies every one against the model, so nothing here
-can change the output, only how many tokens each forward commits.
+From the context (what followed earlier occurrences of the current suffix) and from the
+refinement trajectory (n-grams the Jacobi draft proposed, keyed by their first token); see
+docs/parallel.md ("How it works"). Candidates are only guesses: the sampler verifies every one
+against the model, so nothing here can change the output, only how many tokens a forward commits.
 """
 
 from __future__ import annotations
