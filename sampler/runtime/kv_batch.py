@@ -69,7 +69,7 @@ class KVBatch:
             self.seq_ids, self.lengths = [seq_id], [length]
             return
         total = max(self.total, length)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             columns = _layer_columns(mine, total)
             mine.keys = torch.cat([_left_pad(mine.keys, columns), _left_pad(theirs.keys, columns)])
             mine.values = torch.cat([_left_pad(mine.values, columns), _left_pad(theirs.values, columns)])
