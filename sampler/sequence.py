@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from sampler.types import SamplingParams, StepEvent
+from sampler.types import FinishReason, SamplingParams, StepEvent
 
 
 def resolve_seed(params: SamplingParams) -> int:
@@ -26,5 +26,5 @@ def commit_token(generated: list[int], token: int, params: SamplingParams) -> St
     if token in params.stop_token_ids:
         return StepEvent(finish_reason="stop")
     generated.append(token)
-    reason = "length" if len(generated) >= params.max_tokens else None
+    reason: FinishReason | None = "length" if len(generated) >= params.max_tokens else None
     return StepEvent(token_ids=[token], finish_reason=reason)
