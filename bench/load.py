@@ -140,15 +140,13 @@ def _run_in_process(loaded: Any, sampler: Any, prompts: list[str], concurrency: 
                     max_tokens: int) -> tuple[int, float]:
     """Run `requests` greedy requests (prompts cycled) on the sampler alone with `concurrency`
     sequences always in flight (a finished one is replaced at once). Returns (tokens, seconds)."""
+    from server.engine_core import run_to_completion
+
     ids = [list(loaded.tokenizer(p)["input_ids"]) for p in prompts]
-    sent, tokens = 0, 0
+    jobs = {f"in-process-{i}": (ids[i % len(ids)], _greedy(loaded, max_tokens)) for i in range(requests)}
     start = time.perf_counter()
-    while sent < requests or sampler.num_active:
-        while sampler.num_active < concurrency and sent < requests:
-            sampler.add(f"in-process-{sent}", ids[sent % len(ids)], _greedy(loaded, max_tokens))
-            sent += 1
-        tokens += sum(len(e.token_ids) for e in sampler.step().values())
-    return tokens, time.perf_counter() - start
+    done = run_to_completion(sampler, jobs, max_num_seqs=concurrency)  # the engine's FIFO admission
+    return sum(len(t) for t in done.tokens.values()), time.perf_counter() - start
 
 
 def _in_process_closed_loop(loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int,

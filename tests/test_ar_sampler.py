@@ -2,20 +2,15 @@ import torch
 
 from sampler.ar import ARSampler
 from sampler.types import SamplingParams
+from server.engine_core import run_to_completion
 from tests.fakes import ScriptedModel, counting_script
 
 V = 20
 
 
 def run_alone(sampler, prompt, params, seq_id="s"):
-    sampler.add(seq_id, prompt, params)
-    tokens, reason, forwards = [], None, 0
-    while sampler.num_active:
-        event = sampler.step()[seq_id]
-        tokens += event.token_ids
-        forwards += event.forward_passes
-        reason = event.finish_reason
-    return tokens, reason, forwards
+    done = run_to_completion(sampler, {seq_id: (prompt, params)})
+    return done.tokens[seq_id], done.finish_reasons[seq_id], done.forward_passes[seq_id]
 
 
 def test_max_tokens_gives_length():
@@ -66,11 +61,8 @@ def test_seeded_sampling_reproducible_and_batch_invariant(tiny_loaded):
     assert other != alone
     # The same request sharing steps with others gives the same tokens.
     sampler = ARSampler(model, torch.device("cpu"))
-    sampler.add("x", tok("Hello, world")["input_ids"], SamplingParams(max_tokens=30, temperature=1.0, seed=1))
-    sampler.add("me", prompt, params)
-    got = []
-    while sampler.num_active:
-        events = sampler.step()
-        if "me" in events:
-            got += events["me"].token_ids
+    got = run_to_completion(sampler, {
+        "x": (tok("Hello, world")["input_ids"], SamplingParams(max_tokens=30, temperature=1.0, seed=1)),
+        "me": (prompt, params),
+    }).tokens["me"]
     assert got == alone

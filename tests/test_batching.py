@@ -9,6 +9,7 @@ import torch
 
 from sampler.ar import ARSampler
 from sampler.types import SamplingParams
+from server.engine_core import run_to_completion
 from tests.fakes import ScriptedModel, one_hot_logits
 
 V = 97
@@ -21,19 +22,8 @@ def context_hash_script(context: list[int]) -> torch.Tensor:
 
 def run(sampler: ARSampler, jobs: dict[str, tuple[list[int], SamplingParams]], join_at: dict[str, int],
         cancel_at: dict[str, int] | None = None) -> dict[str, list[int]]:
-    out = {k: [] for k in jobs}
-    step = 0
-    pending = dict(jobs)
-    while pending or sampler.num_active:
-        for seq_id in [s for s in pending if join_at.get(s, 0) <= step]:
-            sampler.add(seq_id, *pending.pop(seq_id))
-        for seq_id, at in (cancel_at or {}).items():
-            if at == step:
-                sampler.cancel(seq_id)
-        for seq_id, event in sampler.step().items():
-            out[seq_id] += event.token_ids
-        step += 1
-    return out
+    """Each job joins before step join_at[k] (default 0) and is cancelled before step cancel_at[k]."""
+    return run_to_completion(sampler, jobs, join_at=join_at, cancel_at=cancel_at).tokens
 
 
 def test_fake_model_batched_equals_alone():

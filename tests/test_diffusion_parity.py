@@ -22,6 +22,7 @@ from sampler.diffusion import DiffusionSampler
 from sampler.diffusion_math import NOISE_CANVAS, NOISE_RENOISE, NOISE_SAMPLE, keyed_generator
 from sampler.runtime.tiny_diffusion import build_tiny_diffusion
 from sampler.types import SamplingParams
+from server.engine_core import run_to_completion
 
 CPU = torch.device("cpu")
 EOS_IDS = [1, 5]
@@ -48,14 +49,8 @@ def reference_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: 
 
 
 def our_run(sampler: DiffusionSampler, prompt: list[int], params: SamplingParams) -> tuple[list[int], list]:
-    sampler.add("r", prompt, params)
-    tokens: list[int] = []
-    events = []
-    while sampler.num_active:
-        event = sampler.step()["r"]
-        tokens += event.token_ids
-        events.append(event)
-    return tokens, events
+    done = run_to_completion(sampler, {"r": (prompt, params)})
+    return done.tokens["r"], done.events["r"]
 
 
 # (settings for both sides, max_new_tokens): multi-block runs, an early stop on confidence

@@ -11,6 +11,7 @@ import torch
 from sampler.diffusion import DiffusionSampler
 from sampler.runtime.tiny_diffusion import build_tiny_diffusion
 from sampler.types import SamplingParams, StepEvent
+from server.engine_core import run_to_completion
 
 CPU = torch.device("cpu")
 EOS_IDS = frozenset({1, 5})
@@ -33,19 +34,8 @@ def params(max_tokens: int = 64, **kw) -> SamplingParams:
 def drive(sampler: DiffusionSampler, requests: dict[str, tuple[list[int], SamplingParams]],
           join_at: dict[str, int] | None = None) -> tuple[dict[str, list[int]], dict[str, list[StepEvent]]]:
     """Run to completion; request k joins before step join_at[k]. Returns tokens and events."""
-    join_at = join_at or {}
-    waiting = dict(requests)
-    tokens: dict[str, list[int]] = {k: [] for k in requests}
-    events: dict[str, list[StepEvent]] = {k: [] for k in requests}
-    step = 0
-    while waiting or sampler.num_active:
-        for key in [k for k in waiting if join_at.get(k, 0) <= step]:
-            sampler.add(key, *waiting.pop(key))
-        for key, event in sampler.step().items():
-            tokens[key] += event.token_ids
-            events[key].append(event)
-        step += 1
-    return tokens, events
+    done = run_to_completion(sampler, requests, join_at=join_at)
+    return done.tokens, done.events
 
 
 A = ([2, 10, 20, 30, 40, 50], params(70, seed=7))

@@ -7,6 +7,7 @@ import pytest
 from sampler.ar import ARSampler
 from sampler.parallel import ParallelSampler
 from sampler.types import SamplingParams
+from server.engine_core import run_to_completion
 
 PROMPTS = [
     "def is_prime(n: int) -> bool:\n",
@@ -22,14 +23,8 @@ def gemma_f32():
 
 
 def _generate(sampler, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], int]:
-    sampler.add("s", prompt_ids, params)
-    out: list[int] = []
-    forwards = 0
-    while sampler.num_active:
-        event = sampler.step()["s"]
-        out += event.token_ids
-        forwards += event.forward_passes
-    return out, forwards
+    done = run_to_completion(sampler, {"s": (prompt_ids, params)})
+    return done.tokens["s"], done.forward_passes["s"]
 
 
 @pytest.mark.slow

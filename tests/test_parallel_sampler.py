@@ -20,6 +20,7 @@ from sampler.parallel_draws import Shortlist
 from sampler.registry import build_sampler
 from sampler.runtime.kv_compaction import keep_new_rows
 from sampler.types import SamplingParams, StepEvent
+from server.engine_core import run_to_completion
 
 WINDOW = 16  # the tiny model's sliding window
 
@@ -28,14 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(sampler, prompt: list[int], params: SamplingParams, seq_id: str = "s") -> tuple[list[int], list[StepEvent]]:
-    sampler.add(seq_id, prompt, params)
-    out: list[int] = []
-    events: list[StepEvent] = []
-    while sampler.num_active:
-        event = sampler.step()[seq_id]
-        events.append(event)
-        out += event.token_ids
-    return out, events
+    done = run_to_completion(sampler, {seq_id: (prompt, params)})
+    return done.tokens[seq_id], done.events[seq_id]
 
 
 def prompts(vocab: int, count: int, seed: int = 0) -> list[list[int]]:
