@@ -7,6 +7,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.live_server import metric_value
+from bench.sse import sse_events
 from server.app import create_app
 from server.config import ServerConfig
 
@@ -33,19 +35,6 @@ def chat(client, **body):
     return client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 8, **body})
 
 
-def sse_events(text: str) -> list[tuple[str | None, str]]:
-    events = []
-    for block in text.strip().split("\n\n"):
-        name, data = None, None
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-        events.append((name, data))
-    return events
-
-
 def test_probes_and_models(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").status_code == 200
@@ -70,12 +59,16 @@ def test_completion_object_shape(client):
 
 
 def test_chat_object_shape(client):
-    body = chat(client, temperature=0, messages=[
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Again"},
-    ]).json()
+    body = chat(
+        client,
+        temperature=0,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Again"},
+        ],
+    ).json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
@@ -107,10 +100,15 @@ def test_stop_string_truncates_and_streaming_matches(client):
     cut = complete(client, temperature=0, max_tokens=16, stop=[stop]).json()
     assert cut["choices"][0]["text"] == full[: full.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
-    streamed = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 16,
-                                                    "temperature": 0, "stop": stop, "stream": True})
-    text = "".join(json.loads(d)["choices"][0]["text"] for _, d in sse_events(streamed.text)
-                   if d != "[DONE]" and json.loads(d)["choices"])
+    streamed = client.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "Hello", "max_tokens": 16, "temperature": 0, "stop": stop, "stream": True},
+    )
+    text = "".join(
+        json.loads(d)["choices"][0]["text"]
+        for _, d in sse_events(streamed.text)
+        if d != "[DONE]" and json.loads(d)["choices"]
+    )
     assert text == cut["choices"][0]["text"]
 
 
@@ -142,14 +140,14 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "x"}], "bogus_field": 1}, "bogus_field"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-     "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content"),
-    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
-     "stream_options"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages.0.content",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),
     ({"messages": [{"role": "user", "content": "x"}], "sampler": "diffusion"}, "sampler"),
 ]
@@ -216,18 +214,20 @@ def test_api_key(tiny_loaded):
 
 
 def test_cors_preflight(client):
-    r = client.options("/v1/chat/completions", headers={
-        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type,authorization"})
+    r = client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization",
+        },
+    )
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] in ("*", "http://localhost:3000")
 
 
 def _metric(client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not exported")
+    return metric_value(client.get("/metrics").text, name)
 
 
 def test_generation_tokens_metric_equals_usage(client):
@@ -238,9 +238,14 @@ def test_generation_tokens_metric_equals_usage(client):
     r = chat(client, stream=True, stream_options={"include_usage": True}, max_tokens=6)
     served += json.loads(sse_events(r.text)[-2][1])["usage"]["completion_tokens"]
     assert _metric(client, "dgserve_generation_tokens_total") - before == served
-    for name in ("dgserve_time_to_first_token_seconds_count", "dgserve_e2e_request_latency_seconds_count",
-                 "dgserve_request_queue_time_seconds_count", "dgserve_tokens_per_forward_count",
-                 "dgserve_inter_token_latency_seconds_count", "dgserve_forward_passes_total",
-                 "dgserve_prompt_tokens_total"):
+    for name in (
+        "dgserve_time_to_first_token_seconds_count",
+        "dgserve_e2e_request_latency_seconds_count",
+        "dgserve_request_queue_time_seconds_count",
+        "dgserve_tokens_per_forward_count",
+        "dgserve_inter_token_latency_seconds_count",
+        "dgserve_forward_passes_total",
+        "dgserve_prompt_tokens_total",
+    ):
         assert _metric(client, name) > 0, name
     assert _metric(client, "dgserve_requests_running") == 0

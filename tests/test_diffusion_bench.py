@@ -20,8 +20,8 @@ def test_bench_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     from bench.diffusion_bench import run
 
     out = tmp_path / "bench.json"
-    code = run(["--vocab", "512", "--canvas", "16", "--steps", "3", "--repeats", "1", "--threads", "1",
-                "--json", str(out), "--prompts", "ignored.jsonl"])  # refine's flags are tolerated
+    flags = "--vocab 512 --canvas 16 --steps 3 --repeats 1 --threads 1"
+    code = run([*flags.split(), "--json", str(out), "--prompts", "ignored.jsonl"])  # refine's flags are tolerated
     assert code == 0
     result = json.loads(out.read_text())
     (row,) = result["runs"]

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 
 import httpx
 import openai
 import pytest
+
+from bench.polling import wait_until
+from bench.sse import iter_sse_json
 
 MODEL = "tiny-gemma3"
 
@@ -24,8 +25,9 @@ def test_models(client):
 
 
 def test_chat_non_streaming(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=10, temperature=0)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=10, temperature=0
+    )
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 10
@@ -33,8 +35,7 @@ def test_chat_non_streaming(client):
 
 
 def test_chat_streaming_equals_non_streaming(client):
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=20,
-                  temperature=0)
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=20, temperature=0)
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
     stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
     chunks = list(stream)
@@ -48,8 +49,13 @@ def test_chat_streaming_equals_non_streaming(client):
 def test_completions_both_ways(client):
     r = client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=12, temperature=0)
     assert r.object == "text_completion" and r.choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="def fibonacci(n):", max_tokens=12, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="def fibonacci(n):", max_tokens=12, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == r.choices[0].text
 
 
@@ -63,8 +69,9 @@ def test_errors_surface_as_sdk_exceptions(client):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
     assert err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       logprobs=True, max_tokens=2)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True, max_tokens=2
+        )
     assert err.value.body["param"] == "logprobs"
 
 
@@ -72,10 +79,12 @@ def test_async_client_concurrent(tiny_server):
     async def main():
         aclient = openai.AsyncOpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="x", max_retries=0)
         prompts = ["Hello", "The quick", "def f(", "1. first"]
-        results = await asyncio.gather(*[
-            aclient.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0) for p in prompts])
+        results = await asyncio.gather(
+            *[aclient.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0) for p in prompts]
+        )
         stream = await aclient.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hey"}], max_tokens=6, stream=True)
+            model=MODEL, messages=[{"role": "user", "content": "hey"}], max_tokens=6, stream=True
+        )
         pieces = [c.choices[0].delta.content async for c in stream if c.choices]
         await aclient.close()
         return results, pieces
@@ -85,33 +94,21 @@ def test_async_client_concurrent(tiny_server):
     assert pieces
 
 
-def _running(base_url: str) -> float:
-    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
-        if line.startswith("dgserve_requests_running{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("gauge missing")
-
-
 def test_raw_sse_and_disconnect_frees_the_sequence(tiny_server):
     url = f"{tiny_server.base_url}/v1/completions"
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "temperature": 0, "stream": True}
     with httpx.stream("POST", url, json=body, timeout=30) as r:
         assert r.status_code == 200
-        lines = r.iter_lines()
-        first = next(line for line in lines if line.startswith("data: "))
-        assert json.loads(first[6:])["object"] == "text_completion"
+        first = next(iter_sse_json(r.iter_lines()))
+        assert first["object"] == "text_completion"
     # The client is gone: its sequence must leave the model thread within a step or two.
-    deadline = time.monotonic() + 10
-    while _running(tiny_server.base_url) != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _running(tiny_server.base_url) == 0
+    wait_until(lambda: tiny_server.metric("dgserve_requests_running") == 0, timeout=10)
+    assert tiny_server.metric("dgserve_requests_running") == 0
 
 
 def test_non_streaming_disconnect_frees_the_sequence(tiny_server):
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{tiny_server.base_url}/v1/completions", json=body, timeout=1.0)
-    deadline = time.monotonic() + 10
-    while _running(tiny_server.base_url) != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _running(tiny_server.base_url) == 0
+    wait_until(lambda: tiny_server.metric("dgserve_requests_running") == 0, timeout=10)
+    assert tiny_server.metric("dgserve_requests_running") == 0

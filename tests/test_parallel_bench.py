@@ -6,8 +6,9 @@ import json
 
 from bench.refine import load_prompts, run
 
-REQUIRED = {"sampler", "steps", "dtype", "tokens_per_s", "ratio_vs_ar", "tokens_per_forward", "exact_match_rate",
-            "rouge_l", "perplexity"}
+REQUIRED = set(
+    "sampler steps dtype tokens_per_s ratio_vs_ar tokens_per_forward exact_match_rate rouge_l perplexity".split()
+)
 
 
 def test_shipped_prompt_set():
@@ -17,9 +18,8 @@ def test_shipped_prompt_set():
 
 def test_bench_smoke_tiny(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    rc = run(["--config", "configs/tiny.yaml", "--prompts", "bench/prompts.jsonl", "--limit", "2",
-              "--max-tokens", "8", "--lengths", "4,8", "--scaling-prompts", "2", "--threads", "1",
-              "--json", str(out), "--plot", str(png)])
+    flags = "--config configs/tiny.yaml --prompts bench/prompts.jsonl --limit 2 --max-tokens 8 --lengths 4,8"
+    rc = run([*flags.split(), "--scaling-prompts", "2", "--threads", "1", "--json", str(out), "--plot", str(png)])
     assert rc == 0
     report = json.loads(out.read_text())
     runs = report["runs"]

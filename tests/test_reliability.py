@@ -14,24 +14,28 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.live_server import LiveServer
+from bench.polling import wait_until, wait_until_async
+from bench.sse import aiter_sse_json, sse_events
 from server.app import create_app
 from server.config import ServerConfig
-from tests.conftest import LiveServer
 
 MODEL = "tiny-gemma3"
-PROMPTS = ["Hello", "def fibonacci(n):", "The quick brown fox", "1. first item\n2.", "Once upon a time",
-           '{"name": "dgserve",', "Café naïve", "user: what is the capital of France?"]
+PROMPTS = [
+    "Hello",
+    "def fibonacci(n):",
+    "The quick brown fox",
+    "1. first item\n2.",
+    "Once upon a time",
+    '{"name": "dgserve",',
+    "Café naïve",
+    "user: what is the capital of France?",
+]
 
 
-def _gauge(base_url: str, name: str) -> float:
-    for line in httpx.get(f"{base_url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} missing")
-
-
-async def _stream_text(client: httpx.AsyncClient, prompt: str, max_tokens: int,
-                       disconnect_after: int | None = None) -> tuple[int, str | None, str | None]:
+async def _stream_text(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int, disconnect_after: int | None = None
+) -> tuple[int, str | None, str | None]:
     """(status, text or None if disconnected, finish_reason)."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -39,10 +43,7 @@ async def _stream_text(client: httpx.AsyncClient, prompt: str, max_tokens: int,
             await r.aread()
             return r.status_code, None, None
         text, finish, chunks = "", None, 0
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in aiter_sse_json(r.aiter_lines()):
             assert "error" not in chunk, chunk
             chunks += 1
             if disconnect_after is not None and chunks >= disconnect_after:
@@ -54,6 +55,7 @@ async def _stream_text(client: httpx.AsyncClient, prompt: str, max_tokens: int,
 
 def test_200_streams_at_concurrency_32_with_disconnects(tiny_server):
     base = tiny_server.base_url
+    gauge = tiny_server.metric
     proc = psutil.Process(tiny_server.proc.pid)
 
     async def main() -> None:
@@ -70,8 +72,7 @@ def test_200_streams_at_concurrency_32_with_disconnects(tiny_server):
             async def one(i: int):
                 async with sem:
                     prompt = PROMPTS[i % len(PROMPTS)]
-                    return prompt, await _stream_text(client, prompt, 24,
-                                                      disconnect_after=2 if i % 5 == 0 else None)
+                    return prompt, await _stream_text(client, prompt, 24, disconnect_after=2 if i % 5 == 0 else None)
 
             started = time.monotonic()
             results = await asyncio.wait_for(asyncio.gather(*[one(i) for i in range(200)]), timeout=300)
@@ -83,11 +84,9 @@ def test_200_streams_at_concurrency_32_with_disconnects(tiny_server):
                     completed += 1
                     assert text == alone[prompt] and finish == "length"
             assert completed == 160
-            deadline = time.monotonic() + 10
-            while _gauge(base, "dgserve_requests_running") and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert _gauge(base, "dgserve_requests_running") == 0
-            assert _gauge(base, "dgserve_requests_waiting") == 0
+            await wait_until_async(lambda: not gauge("dgserve_requests_running"), timeout=10)
+            assert gauge("dgserve_requests_running") == 0
+            assert gauge("dgserve_requests_waiting") == 0
             growth = (proc.memory_info().rss - rss_before) / 2**20
             assert growth < 300, f"resident memory grew by {growth:.0f} MiB"
             print(f"200 streams in {elapsed:.1f} s, RSS growth {growth:.1f} MiB")
@@ -98,13 +97,13 @@ def test_200_streams_at_concurrency_32_with_disconnects(tiny_server):
 @pytest.fixture(scope="module")
 def small_server():
     env = {"DGSERVE_MAX_NUM_SEQS": "2", "DGSERVE_MAX_QUEUE": "2", "DGSERVE_SHUTDOWN_GRACE_S": "60"}
-    server = LiveServer("configs/tiny.yaml", env=env).wait_ready()
-    yield server
-    server.stop()
+    with LiveServer.dgserve("configs/tiny.yaml", env=env) as server:
+        yield server.wait_ready()
 
 
 def test_overload_gives_503_then_recovers(small_server):
     base = small_server.base_url
+    gauge = small_server.metric
 
     async def post(client: httpx.AsyncClient) -> tuple[int, str | None, dict]:
         """(status, Retry-After, body) of a long streaming request; an admitted one is read to the end."""
@@ -119,9 +118,7 @@ def test_overload_gives_503_then_recovers(small_server):
             # refusals are checked on the refused requests themselves: a later probe would race
             # with the admitted ones finishing on a fast machine.
             tasks = [asyncio.create_task(post(client)) for _ in range(8)]
-            deadline = time.monotonic() + 30
-            while len([t for t in tasks if t.done()]) < 4 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: len([t for t in tasks if t.done()]) >= 4, timeout=30)
             finished = [t.result() for t in tasks if t.done()]
             refused = [r for r in finished if r[0] == 503]
             assert len(refused) >= 4 and all(status in (200, 503) for status, _, _ in finished), finished
@@ -133,16 +130,16 @@ def test_overload_gives_503_then_recovers(small_server):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
-    deadline = time.monotonic() + 15
-    while _gauge(base, "dgserve_requests_running") + _gauge(base, "dgserve_requests_waiting") \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(
+        lambda: not gauge("dgserve_requests_running") + gauge("dgserve_requests_waiting"), timeout=15, interval=0.1
+    )
     r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200
 
 
 def test_sigterm_drains_in_flight_then_exits_zero(small_server):
     base = small_server.base_url
+    gauge = small_server.metric
     result: dict = {}
 
     def in_flight() -> None:
@@ -150,21 +147,17 @@ def test_sigterm_drains_in_flight_then_exits_zero(small_server):
             async with httpx.AsyncClient(base_url=base, timeout=120) as client:
                 # Long enough to still be running after the checks below on a fast machine.
                 result["stream"] = await _stream_text(client, "Hello", 1500)
+
         asyncio.run(run())
 
     worker = threading.Thread(target=in_flight)
     worker.start()
-    deadline = time.monotonic() + 20
-    while _gauge(base, "dgserve_requests_running") < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: gauge("dgserve_requests_running") >= 1, timeout=20, interval=0.02)
     os.kill(small_server.proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{base}/ready", timeout=5).status_code != 503 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: httpx.get(f"{base}/ready", timeout=5).status_code == 503, timeout=10, interval=0.02)
     assert httpx.get(f"{base}/ready", timeout=5).status_code == 503
-    assert _gauge(base, "dgserve_requests_running") == 1  # still draining the in-flight request
-    refused = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
-                         timeout=5)
+    assert gauge("dgserve_requests_running") == 1  # still draining the in-flight request
+    refused = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=5)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
     worker.join(120)
     status, text, finish = result["stream"]
@@ -208,12 +201,13 @@ def test_request_time_limit_ends_cleanly(tiny_loaded):
     with TestClient(create_app(config, loaded=tiny_loaded)) as client:
         r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4000})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4000,
-                                                 "stream": True})
-        events = [b for b in r.text.split("\n\n") if b]
-        assert events[-2].startswith("event: error") and events[-1] == "data: [DONE]"
-        assert client.app.state.dg.engine.num_running == 0 or time.sleep(0.5) or \
-            client.app.state.dg.engine.num_running == 0
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4000, "stream": True})
+        events = sse_events(r.text)
+        assert events[-2][0] == "error" and events[-1] == (None, "[DONE]")
+        # The stream has ended; the model thread lets go of the sequence within a step.
+        engine = client.app.state.dg.engine
+        wait_until(lambda: engine.num_running == 0, timeout=2)
+        assert engine.num_running == 0
 
 
 MALFORMED = [
@@ -235,8 +229,9 @@ MALFORMED = [
 
 @pytest.mark.parametrize("body,status", MALFORMED, ids=[str(i) for i in range(len(MALFORMED))])
 def test_malformed_inputs_get_openai_errors(tiny_server, body, status):
-    r = httpx.post(f"{tiny_server.base_url}/v1/completions", content=body,
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{tiny_server.base_url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["type"]

@@ -6,14 +6,14 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.conftest import LiveServer
+from bench.live_server import LiveServer
 
 
 def test_no_server_errors_for_generated_inputs():
     # A short context keeps generated max_tokens either tiny (fast) or refused (400).
-    server = LiveServer("configs/tiny.yaml", env={"DGSERVE_MAX_MODEL_LEN": "48",
-                                                  "DGSERVE_DEFAULT_MAX_TOKENS": "4"}).wait_ready()
-    try:
+    env = {"DGSERVE_MAX_MODEL_LEN": "48", "DGSERVE_DEFAULT_MAX_TOKENS": "4"}
+    with LiveServer.dgserve("configs/tiny.yaml", env=env) as server:
+        server.wait_ready()
         schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
         assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models"}
@@ -26,5 +26,3 @@ def test_no_server_errors_for_generated_inputs():
                 case.validate_response(response, checks=[not_a_server_error])
 
             check()
-    finally:
-        server.stop()
