@@ -15,10 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,11 +22,8 @@ from typing import Any
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.live_server import LiveServer, free_port
+from bench.sse import aiter_sse_json
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -45,10 +38,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
     ttft, text, tokens = None, "", 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in aiter_sse_json(r.aiter_lines()):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
@@ -157,19 +147,6 @@ def _in_process_closed_loop(loaded: Any, sampler: Any, prompts: list[str], concu
     return tokens / seconds
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server behind {url} did not become ready")
-        time.sleep(0.5)
-
-
 def _requests_for(concurrency: int, prompts: list[str], requests_per_level: int) -> int:
     return requests_per_level or max(len(prompts), 4 * concurrency)
 
@@ -179,24 +156,22 @@ def _load_levels(base: str, model: str, prompts: list[str], levels: list[int], m
     asyncio.run(_level(base, model, prompts[:1], 1, 8, 1))  # warm-up
     rows = []
     for c in levels:
-        rows.append(asyncio.run(_level(base, model, prompts, c, max_tokens, _requests_for(c, prompts, requests_per_level))))
+        requests = _requests_for(c, prompts, requests_per_level)
+        rows.append(asyncio.run(_level(base, model, prompts, c, max_tokens, requests)))
         print(f"  {label} concurrency {c}: {rows[-1]['aggregate_tokens_per_s']:.1f} tok/s", flush=True)
     return rows
 
 
 def _peer_transformers_serve(model_dir: str, dtype: str, prompts: list[str], levels: list[int],
                              max_tokens: int, requests_per_level: int) -> list[dict[str, Any]]:
-    port = _free_port()
+    port = free_port()
     exe = str(Path(sys.executable).with_name("transformers"))
-    proc = subprocess.Popen([exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1",
-                             "--port", str(port), model_dir], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/health")
-        return _load_levels(f"http://127.0.0.1:{port}", model_dir, prompts, levels, max_tokens,
-                            requests_per_level, "transformers serve")
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    command = [exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
+               model_dir]
+    with LiveServer(command, port, ready_path="/health") as peer:
+        peer.wait_ready(timeout=600)
+        return _load_levels(peer.base_url, model_dir, prompts, levels, max_tokens, requests_per_level,
+                            "transformers serve")
 
 
 def run(argv: list[str]) -> int:
@@ -225,22 +200,15 @@ def run(argv: list[str]) -> int:
     if args.limit:
         prompts = prompts[: args.limit]
     levels = [int(c) for c in args.concurrency.split(",")]
-    port = _free_port()
-    env = {**os.environ, "DGSERVE_DTYPE": args.dtype, "DGSERVE_SAMPLER": config.sampler, "DGSERVE_MAX_NUM_SEQS": str(max(levels)),
+    env = {"DGSERVE_DTYPE": args.dtype, "DGSERVE_SAMPLER": config.sampler, "DGSERVE_MAX_NUM_SEQS": str(max(levels)),
            "DGSERVE_MAX_QUEUE": str(max(1024, 4 * max(levels)))}
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "--config", args.config, "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(server, f"{base}/ready")
-        rows = _load_levels(base, config.model_name, prompts, levels, args.max_tokens, args.requests_per_level,
-                            "dgserve")
+    with LiveServer.dgserve(args.config, env=env) as server:
+        server.wait_ready(timeout=600)
+        rows = _load_levels(server.base_url, config.model_name, prompts, levels, args.max_tokens,
+                            args.requests_per_level, "dgserve")
         loaded, sampler = _in_process_sampler(config)
-        overhead = _http_overhead(base, config.model_name, loaded, sampler, prompts[: args.overhead_prompts],
-                                  args.max_tokens)
-    finally:
-        server.terminate()
-        server.wait(60)
+        overhead = _http_overhead(server.base_url, config.model_name, loaded, sampler,
+                                  prompts[: args.overhead_prompts], args.max_tokens)
     top = max(rows, key=lambda r: r["concurrency"])
     top["in_process_tokens_per_s"] = _in_process_closed_loop(loaded, sampler, prompts, top["concurrency"],
                                                              top["requests"], args.max_tokens)
@@ -257,8 +225,9 @@ def run(argv: list[str]) -> int:
     for r in rows:
         r["texts_identical_to_first_level"] = _same_texts(r, rows[0])
     out = {
-        "config": args.config, "model": config.model, "sampler": config.sampler, "dtype": args.dtype, "max_tokens": args.max_tokens,
-        "prompts": len(prompts), "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
+        "config": args.config, "model": config.model, "sampler": config.sampler, "dtype": args.dtype,
+        "max_tokens": args.max_tokens, "prompts": len(prompts),
+        "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
         **overhead,
     }
     if peer_rows:
