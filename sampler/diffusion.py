@@ -69,13 +69,14 @@ class DiffusionSampler:
 
     name = "diffusion"
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, generation_config: Any = None, *,
+    def __init__(self, model: Any, device: torch.device, generation_config: Any = None, *,
                  max_denoising_steps: int | None = None, entropy_bound: float | None = None,
                  t_min: float | None = None, t_max: float | None = None,
                  stability_threshold: int | None = None, confidence_threshold: float | None = None,
                  noise: str = "keyed", batch_invariant: bool = False, max_batch_rows: int | None = None,
                  profile: bool = False) -> None:
-        """`generation_config` None: the model's own. Keyword defaults override it (config
+        """`model`: a DiffusionGemmaForBlockDiffusion (Any: its submodules and config are read
+        untyped). `generation_config` None: the model's own. Keyword defaults override it (config
         key `diffusion`); a request's extension fields override those.
 
         batch_invariant: one decoder forward per row. A batched forward's logits differ from
@@ -98,7 +99,7 @@ class DiffusionSampler:
         self.vocab_size = int(config.get_text_config().vocab_size)
         self._text_config = config.get_text_config(decoder=True)
         self._layer_types = list(self._text_config.layer_types)
-        self._embed_dtype = model.model.decoder.embed_tokens.weight.dtype
+        self._embed_dtype: torch.dtype = model.model.decoder.embed_tokens.weight.dtype
         self.defaults = DiffusionSettings.from_generation_config(
             generation_config if generation_config is not None else getattr(model, "generation_config", None)
         ).override(max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound, t_min=t_min,

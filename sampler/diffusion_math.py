@@ -7,12 +7,12 @@ entropy of softmax(z) and feeds z back as the self-conditioning input.
 `gumbel_max_entropy` replaces the reference's softmax → multinomial and
 Categorical(logits).entropy() (each a few passes over (C, V) plus a kept probability
 tensor) by one sweep per chunk of positions that reuses exp(z - max) for both the entropy
-and a Gumbel-max draw. The sampler goes one step further: only accepted positions keep
-their sample (the others are re-noised), and acceptance depends on the entropies alone, so
-it sweeps every position for argmax + entropy and draws Gumbel noise only for the accepted
-ones (per-position noise keys make that the same draw as sampling everything).
-The reference path (`reference_sample_entropy`) is kept bit for bit, drawing from the
-global torch RNG, for the parity tests.
+and a Gumbel-max draw. The keyed noise source (`diffusion_noise.KeyedNoise`) goes one step
+further: only accepted positions keep their sample (the others are re-noised), and
+acceptance depends on the entropies alone, so it sweeps every position for argmax + entropy
+and draws Gumbel noise only for the accepted ones (per-position noise keys make that the
+same draw as sampling everything). The reference path (`reference_sample_entropy`) is kept
+bit for bit, drawing from the global torch RNG, for the parity tests. See docs/diffusion.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One block-diffusion denoising step after the decoder forward, as a pure function (the role of
 a diffusers scheduler's `step()`): temper, sample, accept or renoise, and the block-done rule.
-The formulas are in docs/diffusion.md ("One denoising step").
+The formulas are in docs/diffusion.md ("Code layout").
 
 Shapes: B rows, C canvas positions, V vocabulary. The step is batched over rows so that one
 sweep serves all of them and the global-RNG source keeps the reference's call order.
