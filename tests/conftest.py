@@ -7,7 +7,9 @@ sse.py), so that the benchmarks share them without importing tests/.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -26,6 +28,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def tiny_server() -> Iterator[LiveServer]:
     with LiveServer.dgserve("configs/tiny.yaml") as server:
         yield server.wait_ready()
+
+
+@pytest.fixture(scope="session")
+def dgserve_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs `dgserve *args` (as `python -m server.cli`) to its end, its output captured as text."""
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "server.cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(scope="session")

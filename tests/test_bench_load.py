@@ -4,23 +4,16 @@ scripted measurements."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from bench import load
 
 
-def test_bench_load_smoke(tmp_path):
+def test_bench_load_smoke(tmp_path, dgserve_cli):
     out = tmp_path / "load.json"
     argv = "bench-load --config configs/tiny.yaml --dtype float32 --max-tokens 6 --limit 2 --concurrency 1,2"
-    proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", *argv.split(), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = dgserve_cli(*argv.split(), "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert [lvl["concurrency"] for lvl in data["levels"]] == [1, 2]

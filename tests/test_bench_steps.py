@@ -4,8 +4,6 @@ ratios on a scripted clock."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -13,18 +11,10 @@ import pytest
 from bench import step_cost
 
 
-def test_bench_steps_smoke(tmp_path):
+def test_bench_steps_smoke(tmp_path, dgserve_cli):
     out = tmp_path / "steps.json"
-    argv = (
-        "bench-steps --config configs/tiny.yaml --dtypes float32 --batches 1,3 --block-rows 1,4 --steps 3"
-        " --context 20 --repeats 1"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", *argv.split(), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    argv = "bench-steps --config configs/tiny.yaml --dtypes float32 --batches 1,3 --block-rows 1,4 --steps 3"
+    proc = dgserve_cli(*argv.split(), "--context", "20", "--repeats", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())["dtypes"]["float32"]
     assert [r["batch"] for r in report["decode"]] == [1, 3]

@@ -1,3 +1,7 @@
+"""Config layering (file, then environment, then flags) and its validation at start (server/config.py)."""
+
+from __future__ import annotations
+
 import pytest
 
 from server.config import ConfigError, load_config
