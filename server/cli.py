@@ -8,7 +8,9 @@ import os
 import sys
 import threading
 import time
+from types import FrameType
 
+from sampler.registry import SAMPLER_NAMES
 from server.config import ConfigError, ServerConfig, load_config
 
 log = logging.getLogger("dgserve")
@@ -24,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", dest="served_model_name")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device")
-    p.add_argument("--sampler", choices=["ar", "parallel", "diffusion"])
+    p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--api-key", dest="api_key")
     p.add_argument("--log-level", dest="log_level")
     return p
@@ -53,9 +55,9 @@ def _serve(config: ServerConfig) -> int:
 
         draining = False
 
-        def handle_exit(self, sig: int, frame: object) -> None:  # type: ignore[override]
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.draining or state.engine is None:
-                return super().handle_exit(sig, frame)  # type: ignore[arg-type]
+                return super().handle_exit(sig, frame)
             self.draining = True
             state.draining = True
             state.engine.stop_accepting()

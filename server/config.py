@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sampler.registry import SamplerName
+
 
 class ConfigError(ValueError):
     """A config that cannot start a server; the message names the offending key."""
@@ -32,11 +34,11 @@ class ServerConfig(BaseModel):
     # faster and runs bfloat16 products of 4+ rows in float32 on CPUs without native bfloat16;
     # `native` keeps torch's stock kernels.
     cpu_gemm: Literal["auto", "native"] = "auto"
-    sampler: Literal["ar", "parallel", "diffusion"] = "ar"
+    sampler: SamplerName = "ar"
     # A request that names no sampler and is admitted while other sequences run goes to this
     # sampler instead: parallel refinement spends one forward per sequence per step, AR one
     # forward for all of them, so under load AR's batching wins. None: always `sampler`.
-    sampler_when_busy: Literal["ar", "parallel", "diffusion"] | None = None
+    sampler_when_busy: SamplerName | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

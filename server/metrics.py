@@ -6,7 +6,12 @@ Times are seconds from the monotonic clock. `generation_tokens` grows by exactly
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+MetricT = TypeVar("MetricT", bound=MetricWrapperBase)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _TOKENS_PER_FORWARD_BUCKETS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
@@ -52,5 +57,6 @@ class Metrics:
         self.running.labels(model_name).set(0)
         self.waiting.labels(model_name).set(0)
 
-    def label(self, metric):  # type: ignore[no-untyped-def]
+    def label(self, metric: MetricT) -> MetricT:
+        """`metric`'s child for this server's model (every metric is labelled by model_name)."""
         return metric.labels(self.model_name)

@@ -1,21 +1,38 @@
-"""OpenAI request models, validated at the edge. Invalid input becomes a 400, never a 500.
+"""OpenAI wire models: requests validated at the edge (invalid input is a 400, never a 500) and the
+response, chunk, model-list and error bodies the server sends. See README.md's API section.
 
-Unknown fields are rejected (extra="forbid"): a typo must not silently change behaviour.
-OpenAI parameters this server does not implement are declared so they can be accepted at
-their no-op value and rejected by name otherwise (see `unsupported_parameters`).
+Unknown request fields are rejected (extra="forbid"): a typo must not silently change behaviour.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+
+from sampler.registry import SamplerName
+from sampler.types import SamplingParams
+
+_SEED_MASK = (1 << 64) - 1
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class NoOp:
+    """Marks an OpenAI parameter this server does not implement (in a field's `Annotated`).
+
+    A request may carry it at one of `values` (frontends often send the defaults); any other
+    value gets a 400 naming the parameter (`unsupported_parameters`).
+    """
+
+    def __init__(self, *values: Any) -> None:
+        self.values = values
+
+
+# ---- requests --------------------------------------------------------------------------------
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -38,36 +55,19 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-# Parameters of OpenAI's API that this server does not implement, with their no-op values.
-# A request may carry them at these values (frontends often send the defaults); any other
-# value gets a 400 naming the parameter.
-_NOOP_VALUES: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "prediction": (None,),
-    "reasoning_effort": (None,),
-    "service_tier": (None, "auto", "default"),
-    "store": (None, False),
-    "metadata": (None, {}),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-}
+class SamplingDefaults(Protocol):
+    """The server's defaults for what a request leaves out (ServerConfig has them)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
 
 
 class _SamplingFields(_Strict):
     """Fields shared by both endpoints, including dgserve's extensions."""
+
+    # The request field that holds the prompt, named in context-length errors.
+    prompt_param: ClassVar[str]
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -81,7 +81,7 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extensions.
-    sampler: Literal["ar", "parallel", "diffusion"] | None = None
+    sampler: SamplerName | None = None
     steps: int | None = Field(None, ge=1)
     stream_refinements: bool = False
     entropy_bound: float | None = Field(None, gt=0.0)
@@ -89,12 +89,11 @@ class _SamplingFields(_Strict):
     t_max: float | None = Field(None, ge=0.0)
     stability_threshold: int | None = Field(None, ge=0)
     confidence_threshold: float | None = Field(None, ge=0.0)
-    # Declared only to be refused by name unless at their no-op value.
-    logprobs: Any = None
-    top_logprobs: Any = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
+    logprobs: Annotated[Any, NoOp(None, False)] = None
+    top_logprobs: Annotated[Any, NoOp(None, 0)] = None
+    frequency_penalty: Annotated[Any, NoOp(None, 0, 0.0)] = None
+    presence_penalty: Annotated[Any, NoOp(None, 0, 0.0)] = None
+    logit_bias: Annotated[Any, NoOp(None, {})] = None
 
     @field_validator("stop")
     @classmethod
@@ -121,36 +120,67 @@ class _SamplingFields(_Strict):
     def unsupported_parameters(self) -> list[str]:
         """Names of set OpenAI parameters whose value asks for something not implemented."""
         bad = []
-        for name, noop in _NOOP_VALUES.items():
-            if name in self.model_fields_set and getattr(self, name, None) not in noop:
+        for name, info in type(self).model_fields.items():
+            noop = next((m for m in info.metadata if isinstance(m, NoOp)), None)
+            if noop is not None and name in self.model_fields_set and getattr(self, name) not in noop.values:
                 bad.append(name)
         return bad
 
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def to_sampling_params(
+        self, *, max_tokens: int, stop_token_ids: Iterable[int], choice: int, defaults: SamplingDefaults
+    ) -> SamplingParams:
+        """Parameters of choice number `choice` (its seed is `seed + choice`, kept to 64 bits)."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            top_k=defaults.top_k if self.top_k is None else max(self.top_k, 0),
+            seed=None if self.seed is None else (self.seed + choice) & _SEED_MASK,
+            stop_token_ids=frozenset(stop_token_ids),
+            steps=self.steps,
+            stream_refinements=self.stream_refinements,
+            entropy_bound=self.entropy_bound,
+            t_min=self.t_min,
+            t_max=self.t_max,
+            stability_threshold=self.stability_threshold,
+            confidence_threshold=self.confidence_threshold,
+        )
+
 
 class ChatCompletionRequest(_SamplingFields):
+    prompt_param = "messages"
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    modalities: Any = None
-    audio: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    service_tier: Any = None
-    store: Any = None
-    metadata: Any = None
+    tools: Annotated[Any, NoOp(None, [])] = None
+    tool_choice: Annotated[Any, NoOp(None, "none")] = None
+    parallel_tool_calls: Annotated[Any, NoOp(None, True, False)] = None
+    functions: Annotated[Any, NoOp(None, [])] = None
+    function_call: Annotated[Any, NoOp(None, "none")] = None
+    response_format: Annotated[Any, NoOp(None, {"type": "text"})] = None
+    modalities: Annotated[Any, NoOp(None, ["text"])] = None
+    audio: Annotated[Any, NoOp(None)] = None
+    prediction: Annotated[Any, NoOp(None)] = None
+    reasoning_effort: Annotated[Any, NoOp(None)] = None
+    service_tier: Annotated[Any, NoOp(None, "auto", "default")] = None
+    store: Annotated[Any, NoOp(None, False)] = None
+    metadata: Annotated[Any, NoOp(None, {})] = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class CompletionRequest(_SamplingFields):
+    prompt_param = "prompt"
+
     # A string, a list of strings, a list of token ids or a list of token-id lists.
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: Any = None
-    suffix: Any = None
-    best_of: Any = None
+    echo: Annotated[Any, NoOp(None, False)] = None
+    suffix: Annotated[Any, NoOp(None, "")] = None
+    best_of: Annotated[Any, NoOp(None, 1)] = None
 
     @field_validator("prompt")
     @classmethod
@@ -160,3 +190,159 @@ class CompletionRequest(_SamplingFields):
         if isinstance(value, list) and value and isinstance(value[0], list) and any(not p for p in value):
             raise ValueError("token-id prompts must not be empty")
         return value
+
+
+# ---- responses -------------------------------------------------------------------------------
+class _Wire(BaseModel):
+    """A response body. Fields in `omit_when_none` are left out of the JSON when None: OpenAI's
+    clients tell an absent key from a null one there (a delta's role, a chunk's refinement)."""
+
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in self.omit_when_none}
+
+
+class Usage(_Wire):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(_Wire):
+    """dgserve's extension: where a request's time went and how many tokens a forward bought."""
+
+    omit_when_none = frozenset({"denoising_steps", "blocks"})
+
+    prompt_tokens: int
+    generated_tokens: int
+    forward_passes: int
+    tokens_per_forward: float | None
+    queue_s: float
+    time_to_first_token_s: float | None
+    total_s: float
+    tokens_per_s: float | None
+    sampler: str
+    # Block diffusion only.
+    denoising_steps: int | None = None
+    blocks: int | None = None
+
+
+class AssistantMessage(_Wire):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Wire):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionChoice(_Wire):
+    """A completion's choice; streamed chunks carry the same shape with the new text."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class DeltaMessage(_Wire):
+    omit_when_none = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Wire):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Refinement(_Wire):
+    """A streamed draft of not-yet-committed tokens (stream_refinements)."""
+
+    index: int
+    step: int | None
+    draft_ids: list[int]
+    draft_text: str
+
+
+ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
+
+
+class _ResponseBody(_Wire, Generic[ChoiceT]):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChoiceT]
+    usage: Usage
+    system_fingerprint: None = None
+    timings: Timings
+
+
+class ChatCompletionResponse(_ResponseBody[ChatChoice]):
+    object: Literal["chat.completion"] = "chat.completion"
+
+
+class CompletionResponse(_ResponseBody[CompletionChoice]):
+    object: Literal["text_completion"] = "text_completion"
+
+
+class _ChunkBody(_Wire, Generic[ChoiceT]):
+    """One SSE chunk. `usage` is null on every chunk but the last when the client asked for
+    usage, and absent when it did not: formatters exclude it at dump time."""
+
+    omit_when_none = frozenset({"timings", "refinement"})
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChoiceT]
+    system_fingerprint: None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    refinement: Refinement | None = None
+
+
+class ChatCompletionChunk(_ChunkBody[ChatChunkChoice]):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+
+
+class CompletionChunk(_ChunkBody[CompletionChoice]):
+    object: Literal["text_completion"] = "text_completion"
+
+
+class ModelCard(_Wire):
+    omit_when_none = frozenset({"max_model_len"})
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "dgserve"
+    root: str
+    max_model_len: int | None = None  # known once the model has loaded
+
+
+class ModelList(_Wire):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(_Wire):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Wire):
+    error: ErrorInfo

@@ -1,0 +1,143 @@
+"""Response bodies, one formatter per endpoint: a chat completion speaks in messages and deltas,
+a text completion in plain text. Both share the usage and timings of a finished job."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from server.choices import Choice, served_by
+from server.jobs import Job
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionResponse,
+    DeltaMessage,
+    Refinement,
+    Timings,
+    Usage,
+)
+
+
+def usage(job: Job, choices: list[Choice]) -> Usage:
+    completion = sum(c.tokens for c in choices)
+    return Usage(
+        prompt_tokens=job.prompt_tokens, completion_tokens=completion, total_tokens=job.prompt_tokens + completion
+    )
+
+
+def timings(job: Job, choices: list[Choice]) -> Timings:
+    end = max((c.finished_at or time.monotonic()) for c in choices)
+    first = min((c.first_token_at for c in choices if c.first_token_at is not None), default=None)
+    admitted = [c.stream.request.admitted for c in choices if c.stream.request.admitted is not None]
+    start = min(admitted) if admitted else job.arrival
+    tokens = sum(c.tokens for c in choices)
+    forwards = sum(c.forward_passes for c in choices)
+    diffusion = any(c.blocks for c in choices)
+    return Timings(
+        prompt_tokens=job.prompt_tokens,
+        generated_tokens=tokens,
+        forward_passes=forwards,
+        tokens_per_forward=round(tokens / forwards, 4) if forwards else None,
+        queue_s=round(start - job.arrival, 6),
+        time_to_first_token_s=None if first is None else round(first - job.arrival, 6),
+        total_s=round(end - job.arrival, 6),
+        tokens_per_s=round(tokens / (end - start), 3) if end > start and tokens else None,
+        sampler=served_by(choices),
+        denoising_steps=sum(c.denoising_steps for c in choices) if diffusion else None,
+        blocks=sum(c.blocks for c in choices) if diffusion else None,
+    )
+
+
+class ResponseFormatter(ABC):
+    """The JSON body of a finished job and the SSE chunks of a streamed one, as plain dicts."""
+
+    id_prefix: ClassVar[str]
+    chunk_type: ClassVar[type[ChatCompletionChunk] | type[CompletionChunk]]
+
+    def new_request_id(self) -> str:
+        return self.id_prefix + uuid.uuid4().hex
+
+    @abstractmethod
+    def response(self, job: Job, choices: list[Choice]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> Any:
+        """One choice of a chunk; `text` None is a chunk that carries no text."""
+
+    def opening_chunks(self, job: Job, choices: list[Choice]) -> list[dict[str, Any]]:
+        """Chunks sent before any text."""
+        return []
+
+    def _chunk(self, job: Job, choices: list[Any], **extra: Any) -> dict[str, Any]:
+        chunk = self.chunk_type(id=job.request_id, created=job.created, model=job.model, choices=choices, **extra)
+        # `usage` is null on each chunk only for a client that asked for it (stream_options).
+        return chunk.model_dump(exclude=None if job.include_usage else {"usage"})
+
+    def text_chunk(self, job: Job, index: int, text: str) -> dict[str, Any]:
+        return self._chunk(job, [self._chunk_choice(index, text, None)])
+
+    def finish_chunk(self, job: Job, index: int, finish_reason: str) -> dict[str, Any]:
+        return self._chunk(job, [self._chunk_choice(index, None, finish_reason)])
+
+    def refinement_chunk(self, job: Job, draft: Refinement) -> dict[str, Any]:
+        return self._chunk(job, [self._chunk_choice(draft.index, None, None)], refinement=draft)
+
+    def usage_chunk(self, job: Job, choices: list[Choice]) -> dict[str, Any]:
+        return self._chunk(job, [], usage=usage(job, choices), timings=timings(job, choices))
+
+
+class ChatFormatter(ResponseFormatter):
+    id_prefix = "chatcmpl-"
+    chunk_type = ChatCompletionChunk
+
+    def response(self, job: Job, choices: list[Choice]) -> dict[str, Any]:
+        items = [
+            ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+            for c in choices
+        ]
+        return ChatCompletionResponse(
+            id=job.request_id,
+            created=job.created,
+            model=job.model,
+            choices=items,
+            usage=usage(job, choices),
+            timings=timings(job, choices),
+        ).model_dump()
+
+    def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta=DeltaMessage(content=text), finish_reason=finish_reason)
+
+    def opening_chunks(self, job: Job, choices: list[Choice]) -> list[dict[str, Any]]:
+        """Each choice's first chunk names the assistant role, with empty content."""
+        opening = [
+            ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""), finish_reason=None)
+            for c in choices
+        ]
+        return [self._chunk(job, [choice]) for choice in opening]
+
+
+class CompletionFormatter(ResponseFormatter):
+    id_prefix = "cmpl-"
+    chunk_type = CompletionChunk
+
+    def response(self, job: Job, choices: list[Choice]) -> dict[str, Any]:
+        items = [CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason) for c in choices]
+        return CompletionResponse(
+            id=job.request_id,
+            created=job.created,
+            model=job.model,
+            choices=items,
+            usage=usage(job, choices),
+            timings=timings(job, choices),
+        ).model_dump()
+
+    def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> CompletionChoice:
+        return CompletionChoice(index=index, text=text or "", finish_reason=finish_reason)

@@ -1,0 +1,1 @@
+"""The app's routes, one module per group; handlers reach shared state through `request.app.state.dg`."""

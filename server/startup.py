@@ -1,0 +1,79 @@
+"""Start-up and shutdown: load the model (now or in the background) and start or stop its engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from fastapi import FastAPI
+
+from sampler.registry import build_sampler
+from sampler.runtime.loading import load_model
+from sampler.runtime.model import LoadedModel
+from sampler.types import BatchSampler
+from server.engine import Engine
+from server.state import ServerState
+
+log = logging.getLogger("dgserve.app")
+
+
+def start_engine(state: ServerState, loaded: LoadedModel) -> None:
+    """Start the model thread; the handlers see the model and its engine from here on."""
+    cfg = state.config
+
+    def factory(name: str) -> BatchSampler:
+        return build_sampler(name, loaded, cfg.sampler_options(name))
+
+    engine = Engine(factory, max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue, metrics=state.metrics)
+    engine.start()
+    state.loaded = loaded
+    state.engine = engine
+
+
+def load_in_background(state: ServerState) -> threading.Thread:
+    """Load the configured model on a thread; a failure is kept in `state.load_error` (503s)."""
+    cfg = state.config
+
+    def load() -> None:
+        started = time.monotonic()
+        try:
+            loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, cpu_gemm=cfg.cpu_gemm)
+        except Exception as exc:
+            log.exception("model %s failed to load", cfg.model)
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        start_engine(state, loaded)
+        log.info(
+            "ready: model=%s served as %s, kind=%s, dtype=%s, device=%s, sampler=%s, "
+            "defaults temperature=%s top_p=%s top_k=%s max_tokens=%s, context=%d (%.1f s to load)",
+            cfg.model, cfg.model_name, loaded.kind, cfg.dtype, loaded.device, cfg.sampler,
+            cfg.temperature, cfg.top_p, cfg.top_k, cfg.default_max_tokens, state.max_context,
+            time.monotonic() - started,
+        )  # fmt: skip
+
+    thread = threading.Thread(target=load, name="dgserve-loader", daemon=True)
+    thread.start()
+    return thread
+
+
+def lifespan(state: ServerState, loaded: LoadedModel | None) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: with `loaded` the engine starts at once, else the model loads in the
+    background and /ready answers 503 until it is there. The engine stops at shutdown."""
+
+    @asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[None]:
+        state.prompt_executor = ThreadPoolExecutor(1, thread_name_prefix="dgserve-prompts")
+        if loaded is not None:
+            start_engine(state, loaded)
+        else:
+            load_in_background(state)
+        yield
+        if state.engine is not None:
+            state.engine.shutdown()
+        state.prompt_executor.shutdown(wait=False)
+
+    return run
