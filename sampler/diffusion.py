@@ -39,8 +39,7 @@ class _Row:
     history: list[torch.Tensor] = field(default_factory=list)  # last argmax canvases, oldest first
 
     def state(self) -> RowState:
-        return RowState(self.settings, self.params.temperature, self.seed, self.block, self.steps_done,
-                        self.history)
+        return RowState(self.settings, self.params.temperature, self.seed, self.block, self.steps_done, self.history)
 
     def start_block(self) -> None:
         """Move to the next block; the caller draws its initial canvas."""
@@ -69,24 +68,30 @@ class DiffusionSampler:
 
     name = "diffusion"
 
-    def __init__(self, model: Any, device: torch.device, generation_config: Any = None, *,
-                 max_denoising_steps: int | None = None, entropy_bound: float | None = None,
-                 t_min: float | None = None, t_max: float | None = None,
-                 stability_threshold: int | None = None, confidence_threshold: float | None = None,
-                 noise: str = "keyed", batch_invariant: bool = False, max_batch_rows: int | None = None,
-                 profile: bool = False) -> None:
-        """`model`: a DiffusionGemmaForBlockDiffusion (Any: its submodules and config are read
-        untyped). `generation_config` None: the model's own. Keyword defaults override it (config
-        key `diffusion`); a request's extension fields override those.
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        generation_config: Any = None,
+        *,
+        max_denoising_steps: int | None = None,
+        entropy_bound: float | None = None,
+        t_min: float | None = None,
+        t_max: float | None = None,
+        stability_threshold: int | None = None,
+        confidence_threshold: float | None = None,
+        noise: str = "keyed",
+        batch_invariant: bool = False,
+        max_batch_rows: int | None = None,
+        profile: bool = False,
+    ) -> None:
+        """`model`: a DiffusionGemmaForBlockDiffusion (Any: read untyped). `generation_config`
+        None: the model's own; the keyword defaults (config key `diffusion`, docs/diffusion.md)
+        override it, and a request's extension fields override those.
 
-        batch_invariant: one decoder forward per row. A batched forward's logits differ from
-        a batch-1 forward's in the last float bits (GEMM blocking and threading, MoE token
-        grouping, padded attention), and the self-conditioning loop amplifies such
-        differences until a sampling decision flips; per-row forwards make a seeded
-        request's output bitwise independent of the other requests, at the cost of batching.
-        max_batch_rows: most rows per decoder forward (None: all active rows); more rows are
-        split into several forwards per step, each row still advances one step per step().
-        noise: "keyed" (per-request streams) or "global" (the reference's RNG order, parity only).
+        batch_invariant: one decoder forward per row, so that a seeded request's output ignores
+        the other rows bit for bit (a batched forward rounds differently). max_batch_rows: most
+        rows per decoder forward (None: all). noise: "keyed" or "global" (parity checks only).
         profile: synchronise the device around each phase so `stats` times are exact.
         """
         self.noise = noise_source(noise)
@@ -102,9 +107,14 @@ class DiffusionSampler:
         self._embed_dtype: torch.dtype = model.model.decoder.embed_tokens.weight.dtype
         self.defaults = DiffusionSettings.from_generation_config(
             generation_config if generation_config is not None else getattr(model, "generation_config", None)
-        ).override(max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound, t_min=t_min,
-                   t_max=t_max, stability_threshold=stability_threshold,
-                   confidence_threshold=confidence_threshold)
+        ).override(
+            max_denoising_steps=max_denoising_steps,
+            entropy_bound=entropy_bound,
+            t_min=t_min,
+            t_max=t_max,
+            stability_threshold=stability_threshold,
+            confidence_threshold=confidence_threshold,
+        )
         self.max_batch_rows = 1 if batch_invariant else max_batch_rows
         self.profile = profile
         self._rows: dict[str, _Row] = {}
@@ -113,8 +123,14 @@ class DiffusionSampler:
         self._views: dict[tuple[tuple[str, int], ...], StackedCache] = {}
         self._last_self_cond: dict[tuple[str, ...], torch.Tensor] = {}
         # Seconds per phase and counts, for the benchmark and metrics.
-        self.stats: dict[str, float] = {"encoder_s": 0.0, "decoder_s": 0.0, "sampling_s": 0.0,
-                                        "encoder_passes": 0, "decoder_passes": 0, "row_steps": 0}
+        self.stats: dict[str, float] = {
+            "encoder_s": 0.0,
+            "decoder_s": 0.0,
+            "sampling_s": 0.0,
+            "encoder_passes": 0,
+            "decoder_passes": 0,
+            "row_steps": 0,
+        }
 
     # ----------------------------------------------------------------- BatchSampler API
     @property
@@ -133,18 +149,23 @@ class DiffusionSampler:
         seed = (params.seed if params.seed is not None else 0) if params.greedy else resolve_seed(params)
         from transformers import DynamicCache
 
-        self._rows[seq_id] = _Row(seq_id, params, settings, seed, DynamicCache(config=self._text_config),
-                                  pending=list(prompt_ids))
+        self._rows[seq_id] = _Row(
+            seq_id, params, settings, seed, DynamicCache(config=self._text_config), pending=list(prompt_ids)
+        )
 
     def cancel(self, seq_id: str) -> None:
         self._rows.pop(seq_id, None)
 
     def settings_for(self, params: SamplingParams) -> DiffusionSettings:
         """The schedule a request runs with: defaults overridden by its extension fields."""
-        return self.defaults.override(max_denoising_steps=params.steps, entropy_bound=params.entropy_bound,
-                                      t_min=params.t_min, t_max=params.t_max,
-                                      stability_threshold=params.stability_threshold,
-                                      confidence_threshold=params.confidence_threshold)
+        return self.defaults.override(
+            max_denoising_steps=params.steps,
+            entropy_bound=params.entropy_bound,
+            t_min=params.t_min,
+            t_max=params.t_max,
+            stability_threshold=params.stability_threshold,
+            confidence_threshold=params.confidence_threshold,
+        )
 
     @torch.inference_mode()
     def step(self) -> dict[str, StepEvent]:
@@ -165,7 +186,7 @@ class DiffusionSampler:
         used_views: set[tuple[tuple[str, int], ...]] = set()
         used_self_cond: set[tuple[str, ...]] = set()
         for lo in range(0, len(rows), size):
-            group = rows[lo:lo + size]
+            group = rows[lo : lo + size]
             done = self._denoise(group, used_views, used_self_cond)
             for row, finished_block in zip(group, done, strict=True):
                 forwards[row.seq_id] += 1
@@ -193,15 +214,21 @@ class DiffusionSampler:
         attention = torch.ones((1, row.encoded + n), dtype=torch.bool, device=self.device)
         dummy = torch.empty((1, n, 0), dtype=model.dtype, device=self.device)
         masks = model.model.encoder.create_masks_for_generate(
-            config=model.config, inputs_embeds=dummy, attention_mask=attention, cache=row.cache,
-            position_ids=positions, mm_token_type_ids=None)
+            config=model.config,
+            inputs_embeds=dummy,
+            attention_mask=attention,
+            cache=row.cache,
+            position_ids=positions,
+            mm_token_type_ids=None,
+        )
         model.model.encoder(input_ids=ids, attention_mask=masks, cache=row.cache, position_ids=positions)
         self.stats["encoder_passes"] += 1
         row.encoded += n
         row.pending = []
         row.start_block()
-        row.canvas = self.noise.initial_canvas(NoiseKey(row.seed, row.block, 0), self.canvas_length,
-                                               self.vocab_size, self.device)
+        row.canvas = self.noise.initial_canvas(
+            NoiseKey(row.seed, row.block, 0), self.canvas_length, self.vocab_size, self.device
+        )
 
     def _stacked_cache(self, group: list[_Row], used: set) -> StackedCache:
         """The group's caches stacked for one decoder forward, reused while no row joins,
@@ -209,8 +236,9 @@ class DiffusionSampler:
         key = tuple((row.seq_id, row.encoded) for row in group)
         used.add(key)
         if key not in self._views:
-            self._views[key] = stack_caches([row.cache for row in group], self._layer_types, self.canvas_length,
-                                            self.device)
+            self._views[key] = stack_caches(
+                [row.cache for row in group], self._layer_types, self.canvas_length, self.device
+            )
         return self._views[key]
 
     def _self_conditioning(self, group: list[_Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -225,13 +253,19 @@ class DiffusionSampler:
             return None, None
         key = tuple(row.seq_id for row in group)
         previous = self._last_self_cond.get(key)
-        if all(have) and previous is not None and all(
+        if (
+            all(have)
+            and previous is not None
+            and all(
                 row.self_cond is not None and row.self_cond.data_ptr() == previous[b].data_ptr()
-                for b, row in enumerate(group)):
+                for b, row in enumerate(group)
+            )
+        ):
             return previous, None  # same rows, same order: reuse last step's batch, no copy
         template = next(row.self_cond for row in group if row.self_cond is not None)
-        stacked = torch.stack([row.self_cond if row.self_cond is not None else torch.zeros_like(template)
-                               for row in group])
+        stacked = torch.stack(
+            [row.self_cond if row.self_cond is not None else torch.zeros_like(template) for row in group]
+        )
         mask = None if all(have) else torch.tensor(have, device=self.device)
         return stacked, mask
 
@@ -243,9 +277,14 @@ class DiffusionSampler:
         canvas = torch.stack([row.decoder_input() for row in group])  # (B, C)
         offsets = torch.tensor([row.encoded for row in group], dtype=torch.int32, device=self.device)
         positions = offsets[:, None] + torch.arange(canvas_len, dtype=torch.int32, device=self.device)[None]
-        logits = self.model(decoder_input_ids=canvas, cache=view, self_conditioning_logits=self_cond,
-                            self_conditioning_mask=self_cond_mask, decoder_attention_mask=masks,
-                            decoder_position_ids=positions).logits
+        logits = self.model(
+            decoder_input_ids=canvas,
+            cache=view,
+            self_conditioning_logits=self_cond,
+            self_conditioning_mask=self_cond_mask,
+            decoder_attention_mask=masks,
+            decoder_position_ids=positions,
+        ).logits
         self.stats["decoder_passes"] += 1
         return logits
 

@@ -35,8 +35,9 @@ NOISE_CANVAS = 2  # the block's initial canvas, C per block (step 0)
 _CPU_SWEEP_ELEMENTS = 1 << 20
 
 
-def keyed_generator(seed: int, block: int, step: int, purpose: int, device: torch.device,
-                    position: int | None = None) -> torch.Generator:
+def keyed_generator(
+    seed: int, block: int, step: int, purpose: int, device: torch.device, position: int | None = None
+) -> torch.Generator:
     """A generator whose stream depends only on (seed, block, step, purpose[, position]).
 
     Noise is keyed per request, never shared: a seeded request draws the same numbers
@@ -51,8 +52,9 @@ def keyed_generator(seed: int, block: int, step: int, purpose: int, device: torc
 GeneratorFor = Callable[[int], torch.Generator]  # row index of z -> that row's noise generator
 
 
-def schedule_temperature(step: int, num_steps: int, t_min: float, t_max: float,
-                         device: torch.device | None = None) -> torch.Tensor:
+def schedule_temperature(
+    step: int, num_steps: int, t_min: float, t_max: float, device: torch.device | None = None
+) -> torch.Tensor:
     """0-d float32 temperature at denoising step `step` (counts down num_steps..1).
 
     Written exactly as transformers' LinearTemperatureScheduleLogitsProcessor evaluates it
@@ -87,8 +89,9 @@ def reference_sample_entropy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return sample, torch.argmax(z, dim=-1), entropy
 
 
-def gumbel_max_entropy(z: torch.Tensor, generator_for: GeneratorFor | None, *,
-                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gumbel_max_entropy(
+    z: torch.Tensor, generator_for: GeneratorFor | None, *, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused sample + argmax + entropy: z (R, V) float32 → three (R,) tensors.
 
     Per chunk of rows, with m = max(z) and e = exp(z - m):

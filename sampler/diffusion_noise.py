@@ -86,9 +86,18 @@ class KeyedNoise(NoiseSource):
         return Draw(sample, argmax, entropy, accepted)
 
     def renoise(self, keys: list[NoiseKey], length: int, vocab: int, device: torch.device) -> torch.Tensor:
-        return torch.stack([torch.randint(
-            0, vocab, (length,), device=device,
-            generator=keyed_generator(key.seed, key.block, key.step, NOISE_RENOISE, device)) for key in keys])
+        return torch.stack(
+            [
+                torch.randint(
+                    0,
+                    vocab,
+                    (length,),
+                    device=device,
+                    generator=keyed_generator(key.seed, key.block, key.step, NOISE_RENOISE, device),
+                )
+                for key in keys
+            ]
+        )
 
     @staticmethod
     def _position_noise(key: NoiseKey, device: torch.device) -> Callable[[int], torch.Generator]:

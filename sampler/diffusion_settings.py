@@ -60,7 +60,12 @@ class DiffusionSettings:
             raise ValueError(f"stability_threshold must be >= 0, got {self.stability_threshold}")
         if not self.confidence_threshold >= 0:  # 0: never confident, every block runs all steps
             raise ValueError(f"confidence_threshold must be >= 0, got {self.confidence_threshold}")
-        return dataclasses.replace(self, max_denoising_steps=int(self.max_denoising_steps),
-                                   stability_threshold=int(self.stability_threshold),
-                                   entropy_bound=float(self.entropy_bound), t_min=float(self.t_min),
-                                   t_max=float(self.t_max), confidence_threshold=float(self.confidence_threshold))
+        return dataclasses.replace(
+            self,
+            max_denoising_steps=int(self.max_denoising_steps),
+            stability_threshold=int(self.stability_threshold),
+            entropy_bound=float(self.entropy_bound),
+            t_min=float(self.t_min),
+            t_max=float(self.t_max),
+            confidence_threshold=float(self.confidence_threshold),
+        )

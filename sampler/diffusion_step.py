@@ -78,8 +78,9 @@ def block_done(row: RowState, argmax: torch.Tensor, mean_entropy: float) -> tupl
     return (stable and confident) or last_step, history
 
 
-def denoise_step(logits: torch.Tensor, rows: list[RowState], noise: NoiseSource,
-                 self_cond_dtype: torch.dtype) -> StepResult:
+def denoise_step(
+    logits: torch.Tensor, rows: list[RowState], noise: NoiseSource, self_cond_dtype: torch.dtype
+) -> StepResult:
     """The step after a decoder forward: logits (B, C, V) float32, one RowState per row.
 
     `logits` is divided in place by the temperatures (a (B, C, V) copy saved) and is the

@@ -89,8 +89,11 @@ def test_schedule_temperature_is_the_reference_bitwise() -> None:
             expected = processor(None, logits, torch.tensor(step, dtype=torch.int32))
             ours = logits / schedule_temperature(step, steps, t_min, t_max)
             assert torch.equal(ours, expected)
-            assert math.isclose(float(schedule_temperature(step, steps, t_min, t_max)),
-                                t_min + (t_max - t_min) * step / steps, rel_tol=1e-6)
+            assert math.isclose(
+                float(schedule_temperature(step, steps, t_min, t_max)),
+                t_min + (t_max - t_min) * step / steps,
+                rel_tol=1e-6,
+            )
 
 
 @pytest.mark.parametrize("bound", [0.1, 1.0, 1e-9])

@@ -16,13 +16,15 @@ FILL = -1  # the scripted source's replacement: no real token, so easy to spot
 
 
 def settings(**changes) -> DiffusionSettings:
-    base = DiffusionSettings(max_denoising_steps=4, entropy_bound=0.1, t_min=0.5, t_max=1.0,
-                             stability_threshold=1, confidence_threshold=0.01)
+    base = DiffusionSettings(
+        max_denoising_steps=4, entropy_bound=0.1, t_min=0.5, t_max=1.0, stability_threshold=1, confidence_threshold=0.01
+    )
     return base.override(**changes)
 
 
-def row(steps_done: int = 0, history: tuple[torch.Tensor, ...] = (), temperature: float = 1.0, seed: int = 3,
-        **changes) -> RowState:
+def row(
+    steps_done: int = 0, history: tuple[torch.Tensor, ...] = (), temperature: float = 1.0, seed: int = 3, **changes
+) -> RowState:
     return RowState(settings(**changes), temperature, seed, block=0, steps_done=steps_done, history=history)
 
 
@@ -150,8 +152,9 @@ def test_block_done_when_the_whole_canvas_is_certain_and_stable() -> None:
     first = denoise_step(logits.clone(), [row()], KeyedNoise(), torch.float32)
     assert first.done == [False]  # nothing to compare with yet
     assert first.canvas[0].tolist() == tokens and first.accepted.all()
-    second = denoise_step(logits.clone(), [row(steps_done=1, history=tuple(first.history[0]))], KeyedNoise(),
-                          torch.float32)
+    second = denoise_step(
+        logits.clone(), [row(steps_done=1, history=tuple(first.history[0]))], KeyedNoise(), torch.float32
+    )
     assert second.done == [True]
 
 

@@ -14,8 +14,12 @@ QUERY = 3  # new columns (the decoder's canvas)
 
 def cache(lengths: list[int], fill: float) -> SimpleNamespace:
     """A batch-1 cache with one layer per entry of `lengths`: (1, 2, n, 4) keys = fill, values = -fill."""
-    return SimpleNamespace(layers=[SimpleNamespace(keys=torch.full((1, 2, n, 4), fill),
-                                                   values=torch.full((1, 2, n, 4), -fill)) for n in lengths])
+    return SimpleNamespace(
+        layers=[
+            SimpleNamespace(keys=torch.full((1, 2, n, 4), fill), values=torch.full((1, 2, n, 4), -fill))
+            for n in lengths
+        ]
+    )
 
 
 def test_rows_are_left_padded_and_masked_per_layer_type() -> None:

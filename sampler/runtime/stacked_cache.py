@@ -46,8 +46,7 @@ def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(x.shape[0], x.shape[1], missing, x.shape[3]), x], dim=-2)
 
 
-def stack_caches(caches: list[Any], layer_types: list[str], query_length: int,
-                 device: torch.device) -> StackedCache:
+def stack_caches(caches: list[Any], layer_types: list[str], query_length: int, device: torch.device) -> StackedCache:
     """Batch-1 caches as one left-padded (B, H, L, D) view per layer, plus attention masks.
 
     Left padding keeps every row's real columns last (right padding would be wrong). A row's
@@ -64,8 +63,12 @@ def stack_caches(caches: list[Any], layer_types: list[str], query_length: int,
         if len(caches) == 1:
             layers.append(_LayerKV(per_row[0].keys, per_row[0].values))
         else:
-            layers.append(_LayerKV(torch.cat([_left_pad(x.keys, longest) for x in per_row]),
-                                   torch.cat([_left_pad(x.values, longest) for x in per_row])))
+            layers.append(
+                _LayerKV(
+                    torch.cat([_left_pad(x.keys, longest) for x in per_row]),
+                    torch.cat([_left_pad(x.values, longest) for x in per_row]),
+                )
+            )
     if all(min(sizes) == longest for sizes, longest in lengths.values()):
         return StackedCache(CacheView(layers), None)
     masks = {}
