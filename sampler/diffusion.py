@@ -241,49 +241,43 @@ class DiffusionSampler:
             )
         return self._views[key]
 
-    def _self_conditioning(self, group: list[_Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(B, C, V) previous-step logits and a (B,) mask of rows that have them.
+    def _self_conditioning(self, group: list[_Row]) -> dict[str, torch.Tensor | None]:
+        """The decoder's self-conditioning inputs: (B, C, V) previous-step logits and a (B,)
+        mask of rows that have them.
 
-        All rows at a block's first step: (None, None), the reference's first step. Rows
+        All rows at a block's first step: both None, the reference's first step. Rows
         without logits get zeros and mask False: the decoder then zeroes their signal,
         bitwise as if no logits were passed.
         """
         have = [row.self_cond is not None for row in group]
         if not any(have):
-            return None, None
-        key = tuple(row.seq_id for row in group)
-        previous = self._last_self_cond.get(key)
-        if (
-            all(have)
-            and previous is not None
-            and all(
-                row.self_cond is not None and row.self_cond.data_ptr() == previous[b].data_ptr()
-                for b, row in enumerate(group)
-            )
-        ):
-            return previous, None  # same rows, same order: reuse last step's batch, no copy
+            return {"self_conditioning_logits": None, "self_conditioning_mask": None}
+        previous = self._last_self_cond.get(tuple(row.seq_id for row in group))
+        if previous is not None and all(
+            row.self_cond is not None and row.self_cond.data_ptr() == previous[b].data_ptr()
+            for b, row in enumerate(group)
+        ):  # same rows, same order: reuse last step's batch, no copy
+            return {"self_conditioning_logits": previous, "self_conditioning_mask": None}
         template = next(row.self_cond for row in group if row.self_cond is not None)
         stacked = torch.stack(
             [row.self_cond if row.self_cond is not None else torch.zeros_like(template) for row in group]
         )
         mask = None if all(have) else torch.tensor(have, device=self.device)
-        return stacked, mask
+        return {"self_conditioning_logits": stacked, "self_conditioning_mask": mask}
 
     def _decoder_logits(self, group: list[_Row], used_views: set) -> torch.Tensor:
         """One decoder forward over the group's canvases: (B, C, V) float32 soft-capped logits."""
         canvas_len = self.canvas_length
         view, masks = self._stacked_cache(group, used_views)
-        self_cond, self_cond_mask = self._self_conditioning(group)
         canvas = torch.stack([row.decoder_input() for row in group])  # (B, C)
         offsets = torch.tensor([row.encoded for row in group], dtype=torch.int32, device=self.device)
         positions = offsets[:, None] + torch.arange(canvas_len, dtype=torch.int32, device=self.device)[None]
         logits = self.model(
             decoder_input_ids=canvas,
             cache=view,
-            self_conditioning_logits=self_cond,
-            self_conditioning_mask=self_cond_mask,
             decoder_attention_mask=masks,
             decoder_position_ids=positions,
+            **self._self_conditioning(group),
         ).logits
         self.stats["decoder_passes"] += 1
         return logits
