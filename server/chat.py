@@ -35,8 +35,7 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
         # A lone system message still needs a user turn to answer.
         plain.append({"role": "user", "content": ""})
     template = getattr(tokenizer, "chat_template", None) or GEMMA_TURN_TEMPLATE
-    text = tokenizer.apply_chat_template(plain, chat_template=template, add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(plain, chat_template=template, add_generation_prompt=True, tokenize=False)
     # The template already wrote BOS; don't let the tokenizer add a second one.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

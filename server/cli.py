@@ -17,8 +17,11 @@ log = logging.getLogger("dgserve")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dgserve", description="OpenAI-compatible diffusion-style Gemma server. "
-                                "Every config key can also come from an env var DGSERVE_<KEY>.")
+    p = argparse.ArgumentParser(
+        prog="dgserve",
+        description="OpenAI-compatible diffusion-style Gemma server. "
+        "Every config key can also come from an env var DGSERVE_<KEY>.",
+    )
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -72,8 +75,15 @@ def _serve(config: ServerConfig) -> int:
             time.sleep(0.2)
             self.should_exit = True
 
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                           timeout_graceful_shutdown=max(1, int(config.shutdown_grace_s))))
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=max(1, int(config.shutdown_grace_s)),
+        )
+    )
     server.run()
     return 0
 
@@ -103,10 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dgserve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("starting: model=%s dtype=%s device=%s sampler=%s on http://%s:%d", config.model, config.dtype,
-             config.device, config.sampler, config.host, config.port)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info(
+        "starting: model=%s dtype=%s device=%s sampler=%s on http://%s:%d",
+        config.model,
+        config.dtype,
+        config.device,
+        config.sampler,
+        config.host,
+        config.port,
+    )
     return _serve(config)
 
 

@@ -84,8 +84,9 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
-                environ: dict[str, str] | None = None) -> ServerConfig:
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> ServerConfig:
     data: dict[str, Any] = {}
     if path is not None:
         try:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.protocol import ErrorInfo, ErrorResponse
+
 
 class APIError(Exception):
     """An error the client should see, with its HTTP status and OpenAI error fields."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -20,7 +29,8 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=info).model_dump()
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -28,8 +38,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def unsupported_parameter(param: str) -> APIError:
-    return APIError(400, f"Parameter '{param}' is not supported by this server.", param=param,
-                    code="unsupported_parameter")
+    return APIError(
+        400, f"Parameter '{param}' is not supported by this server.", param=param, code="unsupported_parameter"
+    )
 
 
 def model_not_found(model: str) -> APIError:
@@ -37,8 +48,7 @@ def model_not_found(model: str) -> APIError:
 
 
 def overloaded(message: str, retry_after_s: int = 1) -> APIError:
-    return APIError(503, message, type="server_error", code="overloaded",
-                    headers={"Retry-After": str(retry_after_s)})
+    return APIError(503, message, type="server_error", code="overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
 def internal_error(message: str) -> APIError:

@@ -23,35 +23,59 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         r, m = self.registry, ["model_name"]
-        self.ttft = Histogram("dgserve_time_to_first_token_seconds", "Time from arrival to the first token.",
-                              m, buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("dgserve_inter_token_latency_seconds",
-                             "Time between streamed token deliveries, per token.", m,
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("dgserve_e2e_request_latency_seconds", "Time from arrival to the last token.",
-                             m, buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("dgserve_request_queue_time_seconds",
-                                    "Time a request waited before the model thread admitted it.", m,
-                                    buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens_per_forward = Histogram("dgserve_tokens_per_forward",
-                                            "Tokens committed per forward pass, per finished request.", m,
-                                            buckets=_TOKENS_PER_FORWARD_BUCKETS, registry=r)
-        self.denoising_steps = Histogram("dgserve_denoising_steps_per_block",
-                                         "Denoising steps a committed block took (block diffusion).", m,
-                                         buckets=_STEPS_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "dgserve_time_to_first_token_seconds",
+            "Time from arrival to the first token.",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "dgserve_inter_token_latency_seconds",
+            "Time between streamed token deliveries, per token.",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "dgserve_e2e_request_latency_seconds",
+            "Time from arrival to the last token.",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "dgserve_request_queue_time_seconds",
+            "Time a request waited before the model thread admitted it.",
+            m,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_forward = Histogram(
+            "dgserve_tokens_per_forward",
+            "Tokens committed per forward pass, per finished request.",
+            m,
+            buckets=_TOKENS_PER_FORWARD_BUCKETS,
+            registry=r,
+        )
+        self.denoising_steps = Histogram(
+            "dgserve_denoising_steps_per_block",
+            "Denoising steps a committed block took (block diffusion).",
+            m,
+            buckets=_STEPS_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("dgserve_prompt_tokens", "Prompt tokens processed.", m, registry=r)
-        self.generation_tokens = Counter("dgserve_generation_tokens", "Completion tokens served.", m,
-                                         registry=r)
-        self.forward_passes = Counter("dgserve_forward_passes", "Model forward passes per sequence.", m,
-                                      registry=r)
-        self.request_success = Counter("dgserve_request_success", "Finished requests by finish reason.",
-                                       m + ["finished_reason"], registry=r)
-        self.request_errors = Counter("dgserve_request_errors", "Requests answered with an error, by code.",
-                                      m + ["code"], registry=r)
-        self.running = Gauge("dgserve_requests_running", "Sequences the model thread is generating.", m,
-                             registry=r)
-        self.waiting = Gauge("dgserve_requests_waiting", "Sequences queued for the model thread.", m,
-                             registry=r)
+        self.generation_tokens = Counter("dgserve_generation_tokens", "Completion tokens served.", m, registry=r)
+        self.forward_passes = Counter("dgserve_forward_passes", "Model forward passes per sequence.", m, registry=r)
+        self.request_success = Counter(
+            "dgserve_request_success", "Finished requests by finish reason.", m + ["finished_reason"], registry=r
+        )
+        self.request_errors = Counter(
+            "dgserve_request_errors", "Requests answered with an error, by code.", m + ["code"], registry=r
+        )
+        self.running = Gauge("dgserve_requests_running", "Sequences the model thread is generating.", m, registry=r)
+        self.waiting = Gauge("dgserve_requests_waiting", "Sequences queued for the model thread.", m, registry=r)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
         self.running.labels(model_name).set(0)
