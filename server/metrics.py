@@ -22,64 +22,56 @@ class Metrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        r, m = self.registry, ["model_name"]
-        self.ttft = Histogram(
-            "dgserve_time_to_first_token_seconds",
-            "Time from arrival to the first token.",
-            m,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.ttft = self._histogram(
+            "dgserve_time_to_first_token_seconds", "Time from arrival to the first token.", _LATENCY_BUCKETS
         )
-        self.itl = Histogram(
+        self.itl = self._histogram(
             "dgserve_inter_token_latency_seconds",
             "Time between streamed token deliveries, per token.",
-            m,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.e2e = Histogram(
-            "dgserve_e2e_request_latency_seconds",
-            "Time from arrival to the last token.",
-            m,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.e2e = self._histogram(
+            "dgserve_e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY_BUCKETS
         )
-        self.queue_time = Histogram(
+        self.queue_time = self._histogram(
             "dgserve_request_queue_time_seconds",
             "Time a request waited before the model thread admitted it.",
-            m,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.tokens_per_forward = Histogram(
+        self.tokens_per_forward = self._histogram(
             "dgserve_tokens_per_forward",
             "Tokens committed per forward pass, per finished request.",
-            m,
-            buckets=_TOKENS_PER_FORWARD_BUCKETS,
-            registry=r,
+            _TOKENS_PER_FORWARD_BUCKETS,
         )
-        self.denoising_steps = Histogram(
+        self.denoising_steps = self._histogram(
             "dgserve_denoising_steps_per_block",
             "Denoising steps a committed block took (block diffusion).",
-            m,
-            buckets=_STEPS_BUCKETS,
-            registry=r,
+            _STEPS_BUCKETS,
         )
-        self.prompt_tokens = Counter("dgserve_prompt_tokens", "Prompt tokens processed.", m, registry=r)
-        self.generation_tokens = Counter("dgserve_generation_tokens", "Completion tokens served.", m, registry=r)
-        self.forward_passes = Counter("dgserve_forward_passes", "Model forward passes per sequence.", m, registry=r)
-        self.request_success = Counter(
-            "dgserve_request_success", "Finished requests by finish reason.", m + ["finished_reason"], registry=r
+        self.prompt_tokens = self._counter("dgserve_prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = self._counter("dgserve_generation_tokens", "Completion tokens served.")
+        self.forward_passes = self._counter("dgserve_forward_passes", "Model forward passes per sequence.")
+        self.request_success = self._counter(
+            "dgserve_request_success", "Finished requests by finish reason.", "finished_reason"
         )
-        self.request_errors = Counter(
-            "dgserve_request_errors", "Requests answered with an error, by code.", m + ["code"], registry=r
+        self.request_errors = self._counter(
+            "dgserve_request_errors", "Requests answered with an error, by code.", "code"
         )
-        self.running = Gauge("dgserve_requests_running", "Sequences the model thread is generating.", m, registry=r)
-        self.waiting = Gauge("dgserve_requests_waiting", "Sequences queued for the model thread.", m, registry=r)
+        self.running = self._gauge("dgserve_requests_running", "Sequences the model thread is generating.")
+        self.waiting = self._gauge("dgserve_requests_waiting", "Sequences queued for the model thread.")
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
         self.running.labels(model_name).set(0)
         self.waiting.labels(model_name).set(0)
+
+    def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, documentation, ["model_name"], buckets=buckets, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str) -> Gauge:
+        return Gauge(name, documentation, ["model_name"], registry=self.registry)
+
+    def _counter(self, name: str, documentation: str, *extra_labels: str) -> Counter:
+        return Counter(name, documentation, ["model_name", *extra_labels], registry=self.registry)
 
     def label(self, metric: MetricT) -> MetricT:
         """`metric`'s child for this server's model (every metric is labelled by model_name)."""
