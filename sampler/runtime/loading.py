@@ -158,6 +158,7 @@ def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     ).to(device=device, dtype=dtype)
+    model_config: Any = model.config  # a Gemma3TextConfig (nn.Module's attribute typing says Tensor | Module)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -166,7 +167,7 @@ def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
         device=device,
         dtype=dtype,
         source=TINY_GEMMA3,
-        max_context=model.config.max_position_embeddings,
+        max_context=int(model_config.max_position_embeddings),
         generation_config=model.generation_config,
     )
 

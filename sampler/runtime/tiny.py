@@ -7,6 +7,9 @@ Everything is seeded, so a tiny model is the same in every process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -78,15 +81,29 @@ def build_tiny_gemma3(vocab_size: int, *, eos_token_id: int, pad_token_id: int, 
         bos_token_id=bos_token_id,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Gemma3ForCausalLM(config)
-        # Default init (std 0.02) gives near-uniform logits; larger weights give a model whose
-        # greedy choices are clear rather than decided by rounding.
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.dim() >= 2:
-                    param.normal_(0.0, 1.0)
-            model.get_output_embeddings().weight[eos_token_id].zero_()
+    # Default init (std 0.02) gives near-uniform logits; larger weights give a model whose
+    # greedy choices are clear rather than decided by rounding.
+    model = build_seeded(lambda: Gemma3ForCausalLM(config), seed, weight_std=1.0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos_token_id].zero_()
     model.generation_config.eos_token_id = [eos_token_id]
     return model.eval()
+
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+
+
+def build_seeded(make: Callable[[], ModelT], seed: int, *, weight_std: float) -> ModelT:
+    """`make()` under a fixed seed, every matrix redrawn from N(0, weight_std): the same model in every process.
+
+    The global RNG is forked, so building a tiny model never shifts another test's random stream.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = make()
+        with torch.no_grad():
+            # parameters() yields each tied tensor (embedding/LM head) once.
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, weight_std)
+    return model

@@ -14,6 +14,7 @@ import torch
 
 from sampler.diffusion_settings import RELEASED_DEFAULTS
 from sampler.runtime.model import TINY_DIFFUSION, LoadedModel
+from sampler.runtime.tiny import build_seeded
 
 
 def tiny_diffusion_config(vocab_size: int = 1024, canvas_length: int = 32, *, pad_token_id: int = 0,
@@ -55,18 +56,13 @@ def build_tiny_diffusion(vocab_size: int = 1024, canvas_length: int = 32, *, eos
     eos_token_ids = list(eos_token_ids or [1])
     config = tiny_diffusion_config(vocab_size, canvas_length, pad_token_id=pad_token_id,
                                    eos_token_id=eos_token_ids, bos_token_id=bos_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = DiffusionGemmaForBlockDiffusion(config)
-        with torch.no_grad():
-            # parameters() yields each tied tensor (encoder/decoder/LM head share weights) once.
-            for param in model.parameters():
-                if param.dim() >= 2:
-                    param.normal_(0.0, weight_std)
-            embed = model.get_input_embeddings().weight
-            embed[eos_token_ids] = 0.0  # (indexing with a list copies: assign, don't zero_)
-            if usable_vocab is not None and usable_vocab < vocab_size:
-                embed[usable_vocab:].zero_()
+    # Encoder, decoder and LM head share weights: build_seeded redraws each tied tensor once.
+    model = build_seeded(lambda: DiffusionGemmaForBlockDiffusion(config), seed, weight_std=weight_std)
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed[eos_token_ids] = 0.0  # (indexing with a list copies: assign, don't zero_)
+        if usable_vocab is not None and usable_vocab < vocab_size:
+            embed[usable_vocab:].zero_()
     defaults = dict(RELEASED_DEFAULTS)
     model.generation_config = DiffusionGemmaGenerationConfig(
         max_new_tokens=256,
@@ -94,6 +90,7 @@ def load_tiny_diffusion(dtype: torch.dtype, device: torch.device) -> LoadedModel
         bos_token_id=tokenizer.bos_token_id,
         usable_vocab=len(tokenizer),
     ).to(device=device, dtype=dtype)
+    config: Any = model.config  # a DiffusionGemmaConfig (nn.Module's attribute typing says Tensor | Module)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -102,6 +99,6 @@ def load_tiny_diffusion(dtype: torch.dtype, device: torch.device) -> LoadedModel
         device=device,
         dtype=dtype,
         source=TINY_DIFFUSION,
-        max_context=model.config.text_config.max_position_embeddings,
+        max_context=int(config.text_config.max_position_embeddings),
         generation_config=model.generation_config,
     )
