@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sampler.registry import SamplerName
+from sampler.registry import SAMPLER_NAMES, SamplerName
 
 
 class ConfigError(ValueError):
@@ -61,13 +61,15 @@ class ServerConfig(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
 
-    # Sampler-specific defaults, passed as keyword arguments to the sampler's constructor.
+    # Sampler-specific defaults, passed as keyword arguments to the sampler's constructor; each
+    # key is the name of its sampler (sampler/registry.py).
     parallel: dict[str, Any] = {}
     diffusion: dict[str, Any] = {}
 
     def sampler_options(self, name: str) -> dict[str, Any]:
-        """The config's keyword arguments for sampler `name` (its own mapping, or none)."""
-        return {"parallel": self.parallel, "diffusion": self.diffusion}.get(name, {})
+        """The config's keyword arguments for sampler `name`: the mapping under its name, or none."""
+        options = getattr(self, name, None) if name in SAMPLER_NAMES else None
+        return options if isinstance(options, dict) else {}
 
     @property
     def model_name(self) -> str:
