@@ -68,8 +68,7 @@ def _timed(fn: Callable[..., Any], sink: list[float], clock: _Clock) -> Callable
     return wrapper
 
 
-def _reference_block(model: torch.nn.Module, prompt: list[int], steps: int, device: torch.device,
-                     clock: _Clock) -> dict[str, Any]:
+def _reference_block(model: Any, prompt: list[int], steps: int, device: torch.device, clock: _Clock) -> dict[str, Any]:
     """One `generate` block of `steps` steps, with per-step and per-forward times."""
     step_times: list[float] = []
     forward_times: list[float] = []
@@ -78,8 +77,9 @@ def _reference_block(model: torch.nn.Module, prompt: list[int], steps: int, devi
     try:
         torch.manual_seed(0)
         started = clock()
-        model.generate(torch.tensor([prompt], device=device), max_new_tokens=model.config.canvas_length,
-                       max_denoising_steps=steps)
+        model.generate(
+            torch.tensor([prompt], device=device), max_new_tokens=model.config.canvas_length, max_denoising_steps=steps
+        )
         block = clock() - started
     finally:
         del model._denoising_step, model.forward
@@ -87,8 +87,7 @@ def _reference_block(model: torch.nn.Module, prompt: list[int], steps: int, devi
     return {"block_s": block, "step_s": step_times, "forward_s": forward_times}
 
 
-def _our_block(model: torch.nn.Module, prompt: list[int], steps: int, device: torch.device,
-               clock: _Clock) -> dict[str, Any]:
+def _our_block(model: Any, prompt: list[int], steps: int, device: torch.device, clock: _Clock) -> dict[str, Any]:
     from sampler.diffusion import DiffusionSampler
     from sampler.types import SamplingParams
 
@@ -107,8 +106,7 @@ def _our_block(model: torch.nn.Module, prompt: list[int], steps: int, device: to
         encoder += sampler.stats["encoder_s"] - before["encoder_s"]
     block = clock() - started
     assert len(step_times) == steps, f"ours ran {len(step_times)} steps, expected {steps}"
-    return {"block_s": block, "step_s": step_times, "decoder_s": decoder, "sampling_s": sampling,
-            "encoder_s": encoder}
+    return {"block_s": block, "step_s": step_times, "decoder_s": decoder, "sampling_s": sampling, "encoder_s": encoder}
 
 
 def _steady(values: list[float]) -> float:
@@ -121,8 +119,14 @@ def _math(vocab: int, canvas: int, device: torch.device, clock: _Clock, repeats:
     reference (softmax + multinomial + Categorical entropy), fused Gumbel-max + entropy at
     every position, and the sampler's path (argmax + entropy sweep, then Gumbel-max at the
     accepted positions only)."""
-    from sampler.diffusion_math import (NOISE_SAMPLE, entropy_bound_accept, gumbel_max, gumbel_max_entropy,
-                                        keyed_generator, reference_sample_entropy)
+    from sampler.diffusion_math import (
+        NOISE_SAMPLE,
+        entropy_bound_accept,
+        gumbel_max,
+        gumbel_max_entropy,
+        keyed_generator,
+        reference_sample_entropy,
+    )
 
     gen = torch.Generator(device=device).manual_seed(0)
     # Logit scale of the tiny model's tempered logits: a handful of positions are accepted.
@@ -155,9 +159,12 @@ def _math(vocab: int, canvas: int, device: torch.device, clock: _Clock, repeats:
             t0 = clock()
             fn()
             best[name] = min(best[name], clock() - t0)
-    return {**best, "accepted_positions": accepted_count[0],
-            "fused_speedup": best["reference_s"] / best["fused_all_positions_s"],
-            "sampler_path_speedup": best["reference_s"] / best["sampler_path_s"]}
+    return {
+        **best,
+        "accepted_positions": accepted_count[0],
+        "fused_speedup": best["reference_s"] / best["fused_all_positions_s"],
+        "sampler_path_speedup": best["reference_s"] / best["sampler_path_s"],
+    }
 
 
 def _plot(runs: list[dict[str, Any]], path: str) -> None:
@@ -220,52 +227,84 @@ def run(argv: list[str]) -> int:
                     ours = o if ours is None or o["block_s"] < ours["block_s"] else ours
                 assert ours is not None and ref is not None
                 ref_step, ref_fwd = _steady(ref["step_s"]), _steady(ref["forward_s"])
-                our_step, our_dec, our_smp = _steady(ours["step_s"]), _steady(ours["decoder_s"]), _steady(
-                    ours["sampling_s"])
-                runs.append({
-                    "vocab": vocab, "canvas": canvas, "steps": steps,
-                    "ours": {"step_ms": 1e3 * our_step, "block_s": ours["block_s"], "decoder_ms": 1e3 * our_dec,
-                             "sampling_ms": 1e3 * our_smp, "encoder_ms": 1e3 * ours["encoder_s"],
-                             "sampling_share_of_forward": our_smp / our_dec},
-                    "reference": {"step_ms": 1e3 * ref_step, "block_s": ref["block_s"],
-                                  "decoder_ms": 1e3 * ref_fwd, "sampling_ms": 1e3 * (ref_step - ref_fwd),
-                                  "sampling_share_of_forward": (ref_step - ref_fwd) / ref_fwd},
-                    "step_speedup": ref_step / our_step,
-                    "block_speedup": ref["block_s"] / ours["block_s"],
-                })
+                our_step, our_dec, our_smp = (
+                    _steady(ours["step_s"]),
+                    _steady(ours["decoder_s"]),
+                    _steady(ours["sampling_s"]),
+                )
+                runs.append(
+                    {
+                        "vocab": vocab,
+                        "canvas": canvas,
+                        "steps": steps,
+                        "ours": {
+                            "step_ms": 1e3 * our_step,
+                            "block_s": ours["block_s"],
+                            "decoder_ms": 1e3 * our_dec,
+                            "sampling_ms": 1e3 * our_smp,
+                            "encoder_ms": 1e3 * ours["encoder_s"],
+                            "sampling_share_of_forward": our_smp / our_dec,
+                        },
+                        "reference": {
+                            "step_ms": 1e3 * ref_step,
+                            "block_s": ref["block_s"],
+                            "decoder_ms": 1e3 * ref_fwd,
+                            "sampling_ms": 1e3 * (ref_step - ref_fwd),
+                            "sampling_share_of_forward": (ref_step - ref_fwd) / ref_fwd,
+                        },
+                        "step_speedup": ref_step / our_step,
+                        "block_speedup": ref["block_s"] / ours["block_s"],
+                    }
+                )
                 del model
 
     math_result = None
     if not args.no_math:
-        math_result = {"vocab": max(args.vocab), "canvas": max(args.canvas),
-                       **_math(max(args.vocab), max(args.canvas), device, clock)}
+        math_result = {
+            "vocab": max(args.vocab),
+            "canvas": max(args.canvas),
+            **_math(max(args.vocab), max(args.canvas), device, clock),
+        }
 
-    header = (f"{'vocab':>7} {'canvas':>6} {'steps':>5} | {'ours ms/step':>12} {'ref ms/step':>11} {'x':>5} | "
-              f"{'ours s/block':>12} {'ref s/block':>11} {'x':>5} | {'ours smp/fwd':>12} {'ref smp/fwd':>11}")
-    print(f"block diffusion, tiny DiffusionGemma, {device} {dtype_name or 'float32'}, "
-          f"{torch.get_num_threads()} threads")
+    header = (
+        f"{'vocab':>7} {'canvas':>6} {'steps':>5} | {'ours ms/step':>12} {'ref ms/step':>11} {'x':>5} | "
+        f"{'ours s/block':>12} {'ref s/block':>11} {'x':>5} | {'ours smp/fwd':>12} {'ref smp/fwd':>11}"
+    )
+    print(
+        f"block diffusion, tiny DiffusionGemma, {device} {dtype_name or 'float32'}, {torch.get_num_threads()} threads"
+    )
     print(header)
     print("-" * len(header))
     for r in runs:
         o, f = r["ours"], r["reference"]
-        print(f"{r['vocab']:>7} {r['canvas']:>6} {r['steps']:>5} | {o['step_ms']:>12.1f} {f['step_ms']:>11.1f} "
-              f"{r['step_speedup']:>5.2f} | {o['block_s']:>12.3f} {f['block_s']:>11.3f} {r['block_speedup']:>5.2f} | "
-              f"{o['sampling_share_of_forward']:>11.0%} {f['sampling_share_of_forward']:>11.0%}")
+        print(
+            f"{r['vocab']:>7} {r['canvas']:>6} {r['steps']:>5} | {o['step_ms']:>12.1f} {f['step_ms']:>11.1f} "
+            f"{r['step_speedup']:>5.2f} | {o['block_s']:>12.3f} {f['block_s']:>11.3f} {r['block_speedup']:>5.2f} | "
+            f"{o['sampling_share_of_forward']:>11.0%} {f['sampling_share_of_forward']:>11.0%}"
+        )
     if math_result:
         m = math_result
-        print(f"sample + entropy + acceptance of one step at vocab {m['vocab']}, canvas {m['canvas']}: "
-              f"reference (multinomial + Categorical) {1e3 * m['reference_s']:.0f} ms; fused Gumbel-max at every "
-              f"position {1e3 * m['fused_all_positions_s']:.0f} ms ({m['fused_speedup']:.1f}x); sampler path "
-              f"(sweep + Gumbel-max at the {m['accepted_positions']} accepted) {1e3 * m['sampler_path_s']:.0f} ms "
-              f"({m['sampler_path_speedup']:.1f}x)")
+        print(
+            f"sample + entropy + acceptance of one step at vocab {m['vocab']}, canvas {m['canvas']}: "
+            f"reference (multinomial + Categorical) {1e3 * m['reference_s']:.0f} ms; fused Gumbel-max at every "
+            f"position {1e3 * m['fused_all_positions_s']:.0f} ms ({m['fused_speedup']:.1f}x); sampler path "
+            f"(sweep + Gumbel-max at the {m['accepted_positions']} accepted) {1e3 * m['sampler_path_s']:.0f} ms "
+            f"({m['sampler_path_speedup']:.1f}x)"
+        )
     total = time.perf_counter() - started
     print(f"({total:.0f} s; smp/fwd = sampling and acceptance time over decoder forward time, steady steps)")
 
     result = {
-        "benchmark": "diffusion", "device": str(device), "dtype": dtype_name or "float32",
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "machine": platform.processor() or platform.machine(),
-        "runs": runs, "math": math_result, "seconds": total,
+        "benchmark": "diffusion",
+        "device": str(device),
+        "dtype": dtype_name or "float32",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "machine": platform.processor() or platform.machine(),
+        "runs": runs,
+        "math": math_result,
+        "seconds": total,
     }
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

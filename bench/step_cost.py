@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 
-def _decode_costs(loaded: Any, prompt_ids: list[int], batches: list[int], steps: int) -> list[dict[str, float]]:
+def _decode_costs(loaded: Any, prompt_ids: list[int], batches: list[int], steps: int) -> list[dict[str, Any]]:
     from sampler.ar import ARSampler
     from sampler.types import SamplingParams
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch in batches:
         sampler = ARSampler(loaded.model, loaded.device)
         # No stop tokens and room for every step: all B rows decode for the whole measurement.
@@ -50,14 +50,14 @@ def _decode_costs(loaded: Any, prompt_ids: list[int], batches: list[int], steps:
 
 
 @torch.inference_mode()
-def _block_costs(loaded: Any, context: int, block_rows: list[int], repeats: int) -> list[dict[str, float]]:
+def _block_costs(loaded: Any, context: int, block_rows: list[int], repeats: int) -> list[dict[str, Any]]:
     from transformers import DynamicCache
 
     body = loaded.model.model
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, context), generator=generator).to(loaded.device)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for k in block_rows:
         best = float("inf")
         for _ in range(repeats + 1):  # the first call warms this shape up
@@ -97,8 +97,12 @@ def run(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_config(args.config)
-    report: dict[str, Any] = {"model": config.model, "threads": torch.get_num_threads(),
-                              "torch": torch.__version__, "dtypes": {}}
+    report: dict[str, Any] = {
+        "model": config.model,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtypes": {},
+    }
     for dtype in args.dtypes.split(","):
         loaded = load_model(config.model, dtype=dtype, device=config.device, cpu_gemm=config.cpu_gemm)
         if loaded.kind != "causal":

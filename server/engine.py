@@ -26,8 +26,7 @@ log = logging.getLogger("dgserve.engine")
 
 class EngineDead(APIError):
     def __init__(self, reason: str) -> None:
-        super().__init__(503, f"The model engine is not running: {reason}", type="server_error",
-                         code="engine_dead")
+        super().__init__(503, f"The model engine is not running: {reason}", type="server_error", code="engine_dead")
 
 
 @dataclass(eq=False)
@@ -75,10 +74,12 @@ def _as_api_error(failure: RequestRefused | StepFailed) -> APIError:
 
 
 class Engine:
-    def __init__(self, build_sampler: Callable[[str], BatchSampler], *, max_num_seqs: int,
-                 max_queue: int, metrics: Metrics) -> None:
-        self.core = EngineCore(build_sampler, max_num_seqs=max_num_seqs, max_queue=max_queue,
-                               on_admit=self._record_admission)
+    def __init__(
+        self, build_sampler: Callable[[str], BatchSampler], *, max_num_seqs: int, max_queue: int, metrics: Metrics
+    ) -> None:
+        self.core = EngineCore(
+            build_sampler, max_num_seqs=max_num_seqs, max_queue=max_queue, on_admit=self._record_admission
+        )
         self.metrics = metrics
         # Guards everything below; the core has its own lock, always taken after this one.
         self._cond = threading.Condition()

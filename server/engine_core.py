@@ -50,8 +50,14 @@ class EngineCore:
     to their samplers (refused ones included), before any sampler steps.
     """
 
-    def __init__(self, build_sampler: Callable[[str], BatchSampler], *, max_num_seqs: int, max_queue: int,
-                 on_admit: Callable[[list[SequenceRequest]], None] | None = None) -> None:
+    def __init__(
+        self,
+        build_sampler: Callable[[str], BatchSampler],
+        *,
+        max_num_seqs: int,
+        max_queue: int,
+        on_admit: Callable[[list[SequenceRequest]], None] | None = None,
+    ) -> None:
         self.samplers: dict[str, BatchSampler] = {}
         self._build_sampler = build_sampler
         self._scheduler = Scheduler(max_num_seqs=max_num_seqs, max_queue=max_queue)
@@ -177,9 +183,14 @@ class Completion:
         self.finish_reasons[seq_id] = event.finish_reason
 
 
-def run_to_completion(sampler: BatchSampler, requests: Mapping[str, tuple[list[int], SamplingParams]], *,
-                      max_num_seqs: int | None = None, join_at: Mapping[str, int] | None = None,
-                      cancel_at: Mapping[str, int] | None = None) -> Completion:
+def run_to_completion(
+    sampler: BatchSampler,
+    requests: Mapping[str, tuple[list[int], SamplingParams]],
+    *,
+    max_num_seqs: int | None = None,
+    join_at: Mapping[str, int] | None = None,
+    cancel_at: Mapping[str, int] | None = None,
+) -> Completion:
     """Serve `requests` ({seq_id: (prompt_ids, params)}) on `sampler` through an EngineCore until idle.
 
     Request k is queued before step `join_at[k]` (default 0) and cancelled before step

@@ -55,10 +55,16 @@ class ScriptedSampler:
         return events
 
 
-def request(seq_id: str, max_tokens: int = 3, sampler: str = "s", prompt: list[int] | None = None,
-            busy: str | None = None) -> SequenceRequest:
-    return SequenceRequest([10] if prompt is None else prompt, SamplingParams(max_tokens=max_tokens), sampler,
-                           seq_id=seq_id, sampler_when_busy=busy)
+def request(
+    seq_id: str, max_tokens: int = 3, sampler: str = "s", prompt: list[int] | None = None, busy: str | None = None
+) -> SequenceRequest:
+    return SequenceRequest(
+        [10] if prompt is None else prompt,
+        SamplingParams(max_tokens=max_tokens),
+        sampler,
+        seq_id=seq_id,
+        sampler_when_busy=busy,
+    )
 
 
 def make_core(max_num_seqs: int = 8, max_queue: int = 16) -> tuple[EngineCore, dict[str, ScriptedSampler]]:
@@ -176,8 +182,12 @@ def test_a_failing_step_is_isolated_to_its_sampler() -> None:
 
 def test_on_admit_sees_each_admission_after_the_hand_over() -> None:
     seen: list[list[tuple[str, str, bool]]] = []
-    core = EngineCore(ScriptedSampler, max_num_seqs=1, max_queue=4,
-                      on_admit=lambda rs: seen.append([(r.seq_id, r.sampler, r.admitted is not None) for r in rs]))
+    core = EngineCore(
+        ScriptedSampler,
+        max_num_seqs=1,
+        max_queue=4,
+        on_admit=lambda rs: seen.append([(r.seq_id, r.sampler, r.admitted is not None) for r in rs]),
+    )
     core.add(request("a", max_tokens=1, busy="b"), request("b", max_tokens=1))
     core.step()
     core.step()
@@ -186,8 +196,9 @@ def test_on_admit_sees_each_admission_after_the_hand_over() -> None:
 
 
 def test_run_to_completion_collects_events_in_order() -> None:
-    done = run_to_completion(ScriptedSampler("s"), {"a": ([5], SamplingParams(max_tokens=3)),
-                                                    "b": ([7], SamplingParams(max_tokens=2))})
+    done = run_to_completion(
+        ScriptedSampler("s"), {"a": ([5], SamplingParams(max_tokens=3)), "b": ([7], SamplingParams(max_tokens=2))}
+    )
     assert done.tokens == {"a": [5, 6, 7], "b": [7, 8]} and done.steps == 3
     assert done.forward_passes == {"a": 3, "b": 2} and done.finish_reasons == {"a": "length", "b": "length"}
     assert [len(e) for e in done.events.values()] == [3, 2]
@@ -227,8 +238,10 @@ def test_wrapper_maps_admission_errors_to_503() -> None:
         engine.stop_accepting()
         with pytest.raises(APIError) as draining:
             engine.submit_many(_requests(loop, [1]))
-        assert (draining.value.message, draining.value.headers) == ("The server is shutting down.",
-                                                                    {"Retry-After": "5"})
+        assert (draining.value.message, draining.value.headers) == (
+            "The server is shutting down.",
+            {"Retry-After": "5"},
+        )
 
     asyncio.run(main())
 
