@@ -60,13 +60,25 @@ class ResponseFormatter(ABC):
     """The JSON body of a finished job and the SSE chunks of a streamed one, as plain dicts."""
 
     id_prefix: ClassVar[str]
+    response_type: ClassVar[type[ChatCompletionResponse] | type[CompletionResponse]]
     chunk_type: ClassVar[type[ChatCompletionChunk] | type[CompletionChunk]]
 
     def new_request_id(self) -> str:
         return self.id_prefix + uuid.uuid4().hex
 
+    def response(self, job: Job, choices: list[Choice]) -> dict[str, Any]:
+        return self.response_type(
+            id=job.request_id,
+            created=job.created,
+            model=job.model,
+            choices=[self._choice(c) for c in choices],
+            usage=usage(job, choices),
+            timings=timings(job, choices),
+        ).model_dump()
+
     @abstractmethod
-    def response(self, job: Job, choices: list[Choice]) -> dict[str, Any]: ...
+    def _choice(self, choice: Choice) -> Any:
+        """A finished choice in the response body."""
 
     @abstractmethod
     def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> Any:
@@ -96,21 +108,12 @@ class ResponseFormatter(ABC):
 
 class ChatFormatter(ResponseFormatter):
     id_prefix = "chatcmpl-"
+    response_type = ChatCompletionResponse
     chunk_type = ChatCompletionChunk
 
-    def response(self, job: Job, choices: list[Choice]) -> dict[str, Any]:
-        items = [
-            ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
-            for c in choices
-        ]
-        return ChatCompletionResponse(
-            id=job.request_id,
-            created=job.created,
-            model=job.model,
-            choices=items,
-            usage=usage(job, choices),
-            timings=timings(job, choices),
-        ).model_dump()
+    def _choice(self, choice: Choice) -> ChatChoice:
+        message = AssistantMessage(content=choice.text)
+        return ChatChoice(index=choice.index, message=message, finish_reason=choice.finish_reason)
 
     def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> ChatChunkChoice:
         return ChatChunkChoice(index=index, delta=DeltaMessage(content=text), finish_reason=finish_reason)
@@ -126,18 +129,11 @@ class ChatFormatter(ResponseFormatter):
 
 class CompletionFormatter(ResponseFormatter):
     id_prefix = "cmpl-"
+    response_type = CompletionResponse
     chunk_type = CompletionChunk
 
-    def response(self, job: Job, choices: list[Choice]) -> dict[str, Any]:
-        items = [CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason) for c in choices]
-        return CompletionResponse(
-            id=job.request_id,
-            created=job.created,
-            model=job.model,
-            choices=items,
-            usage=usage(job, choices),
-            timings=timings(job, choices),
-        ).model_dump()
+    def _choice(self, choice: Choice) -> CompletionChoice:
+        return CompletionChoice(index=choice.index, text=choice.text, finish_reason=choice.finish_reason)
 
     def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> CompletionChoice:
         return CompletionChoice(index=index, text=text or "", finish_reason=finish_reason)
