@@ -85,8 +85,8 @@ def _same_texts(level: dict[str, Any], reference: dict[str, Any]) -> bool:
 
 def _in_process_sampler(config: Any) -> tuple[Any, Any]:
     """The served sampler on its own copy of the model, in this process: (loaded, sampler)."""
-    from sampler.runtime.loading import load_model
     from sampler.registry import build_sampler
+    from sampler.runtime.loading import load_model
 
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
     return loaded, build_sampler(config.sampler, loaded, config.sampler_options(config.sampler))
@@ -123,7 +123,8 @@ def _http_overhead(base_url: str, model: str, loaded: Any, sampler: Any, prompts
             totals[side][1] += seconds
     http = totals["http"][0] / totals["http"][1]
     local = totals["in_process"][0] / totals["in_process"][1]
-    return {"http_single_client_tokens_per_s": http, "in_process_tokens_per_s": local, "http_overhead": 1 - http / local}
+    return {"http_single_client_tokens_per_s": http, "in_process_tokens_per_s": local,
+            "http_overhead": 1 - http / local}
 
 
 def _run_in_process(loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int,

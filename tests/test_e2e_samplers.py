@@ -54,11 +54,11 @@ def test_parallel_refinement_events_opt_in(tiny_server):
         assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {}
         r = chunk["refinement"]
         assert isinstance(r["draft_ids"], list) and isinstance(r["draft_text"], str) and r["index"] == 0
-    text = lambda evs: "".join(
-        json.loads(d)["choices"][0]["delta"].get("content") or ""  # noqa: E731
-        for n, d in evs
-        if n is None and d != "[DONE]" and json.loads(d)["choices"]
-    )
+
+    def text(events: list[tuple[str | None, str]]) -> str:
+        chunks = [json.loads(d) for n, d in events if n is None and d != "[DONE]"]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
     assert text(rich) == text(plain)
     # The SDK reads the same stream without tripping over the extension events.
     client = openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="x", max_retries=0)
