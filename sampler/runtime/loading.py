@@ -13,7 +13,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -48,17 +47,6 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in table:
         raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
     return table[dtype]
-
-
-def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    for value in eos if isinstance(eos, (list, tuple)) else [eos]:
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    return ids
 
 
 def _step(message: str, started: float) -> None:
@@ -134,18 +122,7 @@ def _load_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device) 
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype)
         kind = "causal"
     model = model.to(device).eval()
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        kind=kind,
-        eos_token_ids=_eos_ids(model.generation_config, tokenizer),
-        device=device,
-        dtype=dtype,
-        source=path_or_id,
-        max_context=int(getattr(text_config, "max_position_embeddings", 8192)),
-        generation_config=model.generation_config,
-    )
+    return LoadedModel.of(model, tokenizer, kind, source=path_or_id, device=device, dtype=dtype)
 
 
 def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -158,18 +135,7 @@ def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     ).to(device=device, dtype=dtype)
-    model_config: Any = model.config  # a Gemma3TextConfig (nn.Module's attribute typing says Tensor | Module)
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        kind="causal",
-        eos_token_ids=_eos_ids(model.generation_config, tokenizer),
-        device=device,
-        dtype=dtype,
-        source=TINY_GEMMA3,
-        max_context=int(model_config.max_position_embeddings),
-        generation_config=model.generation_config,
-    )
+    return LoadedModel.of(model, tokenizer, "causal", source=TINY_GEMMA3, device=device, dtype=dtype)
 
 
 def load_model(spec: str, *, dtype: str = "float32", device: str = "auto", cpu_gemm: CpuGemm = "auto") -> LoadedModel:

@@ -27,3 +27,37 @@ class LoadedModel:
     source: str
     max_context: int
     generation_config: Any = None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, tokenizer: Any, kind: ModelKind, *, source: str, device: torch.device,
+           dtype: torch.dtype, eos_token_ids: list[int] | None = None) -> LoadedModel:
+        """Describe a loaded module: context length, generation config and EOS ids read from it.
+
+        `eos_token_ids` None: the generation config's, else the tokenizer's.
+        """
+        config: Any = model.config  # a transformers config (nn.Module's attribute typing says Tensor | Module)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        generation_config: Any = getattr(model, "generation_config", None)
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            kind=kind,
+            eos_token_ids=eos_token_ids if eos_token_ids is not None else eos_ids(generation_config, tokenizer),
+            device=device,
+            dtype=dtype,
+            source=source,
+            max_context=int(getattr(text_config, "max_position_embeddings", 8192)),
+            generation_config=generation_config,
+        )
+
+
+def eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """The generation config's EOS id(s), else the tokenizer's, deduplicated in order."""
+    ids: list[int] = []
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    for value in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return ids

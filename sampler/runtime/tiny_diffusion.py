@@ -90,15 +90,5 @@ def load_tiny_diffusion(dtype: torch.dtype, device: torch.device) -> LoadedModel
         bos_token_id=tokenizer.bos_token_id,
         usable_vocab=len(tokenizer),
     ).to(device=device, dtype=dtype)
-    config: Any = model.config  # a DiffusionGemmaConfig (nn.Module's attribute typing says Tensor | Module)
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        kind="diffusion",
-        eos_token_ids=eos_ids,
-        device=device,
-        dtype=dtype,
-        source=TINY_DIFFUSION,
-        max_context=int(config.text_config.max_position_embeddings),
-        generation_config=model.generation_config,
-    )
+    return LoadedModel.of(model, tokenizer, "diffusion", source=TINY_DIFFUSION, device=device, dtype=dtype,
+                          eos_token_ids=eos_ids)
