@@ -6,6 +6,7 @@ forward per step. Design, step formulas and randomness: docs/diffusion.md ("Code
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,14 +159,7 @@ class DiffusionSampler:
 
     def settings_for(self, params: SamplingParams) -> DiffusionSettings:
         """The schedule a request runs with: defaults overridden by its extension fields."""
-        return self.defaults.override(
-            max_denoising_steps=params.steps,
-            entropy_bound=params.entropy_bound,
-            t_min=params.t_min,
-            t_max=params.t_max,
-            stability_threshold=params.stability_threshold,
-            confidence_threshold=params.confidence_threshold,
-        )
+        return self.defaults.override(**dataclasses.asdict(params.diffusion))
 
     @torch.inference_mode()
     def step(self) -> dict[str, StepEvent]:

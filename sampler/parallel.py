@@ -121,7 +121,7 @@ class ParallelSampler:
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt(prompt_ids)
-        steps = params.steps if params.steps is not None else self.steps
+        steps = params.parallel.steps if params.parallel.steps is not None else self.steps
         if steps is not None and steps < 1:
             raise ValueError("steps must be >= 1")
         if steps is not None and steps >= self.block_size:

@@ -13,6 +13,25 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class ParallelOptions:
+    """Parallel refinement's per-request option (docs/parallel.md)."""
+
+    steps: int | None = None  # most refinement forwards per block; None: refine until the block is exact
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    """Per-request overrides of the checkpoint's denoising schedule (docs/diffusion.md); None keeps its value."""
+
+    max_denoising_steps: int | None = None
+    entropy_bound: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    stability_threshold: int | None = None
+    confidence_threshold: float | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings, already validated at the HTTP edge.
 
@@ -26,16 +45,11 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
-    # Parallel refinement: most refinement forwards per block (None: until exact).
-    # Block diffusion: max denoising steps per block (None: the checkpoint's default).
-    steps: int | None = None
     stream_refinements: bool = False
-    # Block-diffusion overrides (None: the checkpoint's generation config).
-    entropy_bound: float | None = None
-    t_min: float | None = None
-    t_max: float | None = None
-    stability_threshold: int | None = None
-    confidence_threshold: float | None = None
+    # Each sampler reads only its own options; the others are ignored (a request may be moved
+    # to another sampler at admission, see server/scheduler.py).
+    parallel: ParallelOptions = ParallelOptions()
+    diffusion: DiffusionOptions = DiffusionOptions()
 
     @property
     def greedy(self) -> bool:

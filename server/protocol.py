@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from sampler.registry import SamplerName
-from sampler.types import SamplingParams
+from sampler.types import DiffusionOptions, ParallelOptions, SamplingParams
 
 _SEED_MASK = (1 << 64) - 1
 
@@ -140,13 +140,18 @@ class _SamplingFields(_Strict):
             top_k=defaults.top_k if self.top_k is None else max(self.top_k, 0),
             seed=None if self.seed is None else (self.seed + choice) & _SEED_MASK,
             stop_token_ids=frozenset(stop_token_ids),
-            steps=self.steps,
             stream_refinements=self.stream_refinements,
-            entropy_bound=self.entropy_bound,
-            t_min=self.t_min,
-            t_max=self.t_max,
-            stability_threshold=self.stability_threshold,
-            confidence_threshold=self.confidence_threshold,
+            # `steps` has one meaning per sampler: refinement forwards per block for parallel,
+            # denoising steps per block for diffusion.
+            parallel=ParallelOptions(steps=self.steps),
+            diffusion=DiffusionOptions(
+                max_denoising_steps=self.steps,
+                entropy_bound=self.entropy_bound,
+                t_min=self.t_min,
+                t_max=self.t_max,
+                stability_threshold=self.stability_threshold,
+                confidence_threshold=self.confidence_threshold,
+            ),
         )
 
 

@@ -21,7 +21,7 @@ from transformers.models.diffusion_gemma import generation_diffusion_gemma as re
 from sampler.diffusion import DiffusionSampler
 from sampler.diffusion_math import NOISE_CANVAS, NOISE_RENOISE, NOISE_SAMPLE, keyed_generator
 from sampler.runtime.tiny_diffusion import build_tiny_diffusion
-from sampler.types import SamplingParams
+from sampler.types import DiffusionOptions, SamplingParams
 from server.engine_core import run_to_completion
 
 CPU = torch.device("cpu")
@@ -65,9 +65,8 @@ CASES = [
 
 
 def _params(settings: dict, max_tokens: int, **extra) -> SamplingParams:
-    names = {"max_denoising_steps": "steps"}
     return SamplingParams(max_tokens=max_tokens, stop_token_ids=frozenset(EOS_IDS),
-                          **{names.get(k, k): v for k, v in settings.items()}, **extra)
+                          diffusion=DiffusionOptions(**settings), **extra)
 
 
 @pytest.mark.parametrize("settings,max_new", CASES)

@@ -10,7 +10,7 @@ import torch
 
 from sampler.diffusion import DiffusionSampler
 from sampler.runtime.tiny_diffusion import build_tiny_diffusion
-from sampler.types import SamplingParams, StepEvent
+from sampler.types import DiffusionOptions, SamplingParams, StepEvent
 from server.engine_core import run_to_completion
 
 CPU = torch.device("cpu")
@@ -26,9 +26,11 @@ def model() -> torch.nn.Module:
     return build_tiny_diffusion(1024, 32, eos_token_ids=sorted(EOS_IDS), usable_vocab=489)
 
 
-def params(max_tokens: int = 64, **kw) -> SamplingParams:
-    kw.setdefault("steps", 4)
-    return SamplingParams(max_tokens=max_tokens, stop_token_ids=EOS_IDS, **kw)
+def params(max_tokens: int = 64, steps: int | None = 4, **kw) -> SamplingParams:
+    """Common fields by keyword; `steps` and DiffusionOptions' fields go into its diffusion options."""
+    schedule = {name: kw.pop(name) for name in list(kw) if name in DiffusionOptions.__dataclass_fields__}
+    options = DiffusionOptions(max_denoising_steps=steps, **schedule)
+    return SamplingParams(max_tokens=max_tokens, stop_token_ids=EOS_IDS, diffusion=options, **kw)
 
 
 def drive(sampler: DiffusionSampler, requests: dict[str, tuple[list[int], SamplingParams]],
@@ -210,7 +212,7 @@ def test_save_pretrained_round_trip(tmp_path: Path) -> None:
     assert saved == DiffusionSampler(tiny.model, CPU, tiny.generation_config).defaults
     for name, value in tiny.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
-    request = {"r": ([2, 3, 4], SamplingParams(max_tokens=40, seed=11, steps=4,
+    request = {"r": ([2, 3, 4], SamplingParams(max_tokens=40, seed=11, diffusion=DiffusionOptions(max_denoising_steps=4),
                                                stop_token_ids=frozenset(tiny.eos_token_ids)))}
     reloaded, original = (drive(DiffusionSampler(m, CPU), request)[0] for m in (loaded.model, tiny.model))
     assert reloaded == original

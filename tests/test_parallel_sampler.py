@@ -19,7 +19,7 @@ from sampler.parallel import ParallelSampler
 from sampler.parallel_draws import Shortlist
 from sampler.registry import build_sampler
 from sampler.runtime.kv_compaction import keep_new_rows
-from sampler.types import SamplingParams, StepEvent
+from sampler.types import ParallelOptions, SamplingParams, StepEvent
 from server.engine_core import run_to_completion
 
 WINDOW = 16  # the tiny model's sliding window
@@ -174,7 +174,8 @@ def test_steps_caps_forwards_per_block(tiny_loaded, steps):
     model, device = tiny_loaded.model, tiny_loaded.device
     block = 4
     prompt = prompts(model.config.vocab_size, 1, seed=3)[0]
-    params = SamplingParams(max_tokens=37, temperature=0.0, steps=steps, stream_refinements=True)
+    params = SamplingParams(max_tokens=37, temperature=0.0, parallel=ParallelOptions(steps=steps),
+                            stream_refinements=True)
     out, events = run(ParallelSampler(model, device, block_size=block), prompt, params)
     assert len(out) == 37 and events[-1].finish_reason == "length"
     # A block is a run of `block` positions; count the forwards each one took.
@@ -200,7 +201,7 @@ def test_steps_default_comes_from_constructor_and_request_wins(tiny_loaded):
     assert len(by_config) <= 4  # 20 tokens, at least 5 per forward
     exact, _ = run(ARSampler(model, device), prompt, SamplingParams(max_tokens=20, temperature=0.0))
     by_request, _ = run(ParallelSampler(model, device, block_size=5, steps=1), prompt,
-                        SamplingParams(max_tokens=20, temperature=0.0, steps=1000))
+                        SamplingParams(max_tokens=20, temperature=0.0, parallel=ParallelOptions(steps=1000)))
     assert by_request == exact
 
 
