@@ -5,8 +5,8 @@ forward per step. Design, step formulas and randomness: docs/diffusion.md ("Code
 
 from __future__ import annotations
 
-import time
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
