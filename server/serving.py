@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.choices import Choice, run_job, start_choices
 from server.errors import APIError
@@ -70,9 +71,35 @@ async def serve(
     job = await loop.run_in_executor(state.prompt_executor, build_job, body, state, formatter.new_request_id())
     choices = start_choices(job, state)
     if job.stream:
-        return StreamingResponse(
+        return StreamWithCleanup(
             stream_job(job, choices, state, formatter),
+            cleanup=lambda: cancel_unfinished(choices),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return JSONResponse(await complete_job(job, choices, state, formatter))
+
+
+class StreamWithCleanup(StreamingResponse):
+    """A streaming response whose `cleanup` runs however the response ends.
+
+    A client gone before the first byte means the body iterator never started, so its own
+    `finally` (run_job's, which cancels the engine sequences) never runs; Starlette's
+    `background` does not run either when the disconnect surfaces as ClientDisconnect.
+    """
+
+    def __init__(self, content: AsyncIterator[str], *, cleanup: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
+def cancel_unfinished(choices: list[Choice]) -> None:
+    """Free the engine sequences of choices still running (a no-op for finished ones)."""
+    for choice in choices:
+        choice.stream.cancel()

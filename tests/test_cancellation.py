@@ -56,3 +56,38 @@ def test_errors_of_the_handler_propagate():
 
     with pytest.raises(ValueError, match="refused"):
         asyncio.run(handler(raw_request=_request(None)))
+
+
+def _stream_scope(spec_version: str) -> dict:
+    return {"type": "http", "method": "POST", "path": "/", "headers": [], "asgi": {"spec_version": spec_version}}
+
+
+@pytest.mark.parametrize("spec_version", ["2.0", "2.4"])
+def test_a_stream_whose_client_left_before_the_first_byte_still_cleans_up(spec_version):
+    """The body never starts, so only the response itself can free the engine's sequences."""
+    from starlette.requests import ClientDisconnect
+
+    from server.serving import StreamWithCleanup
+
+    started, cleaned = [], []
+
+    async def body():
+        started.append(True)
+        yield "data: x\n\n"
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        raise OSError("client gone")  # what a server reports for a closed socket
+
+    response = StreamWithCleanup(body(), cleanup=lambda: cleaned.append(True), media_type="text/event-stream")
+
+    async def main() -> None:
+        try:
+            await response(_stream_scope(spec_version), receive, send)
+        except (ClientDisconnect, OSError):
+            pass
+
+    asyncio.run(main())
+    assert started == [] and cleaned == [True]
