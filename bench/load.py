@@ -32,8 +32,14 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, text, tokens = None, "", 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -48,15 +54,17 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
     return {"ttft_s": ttft or 0.0, "latency_s": time.perf_counter() - start, "tokens": tokens, "text": text}
 
 
-async def _level(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
-                 requests: int) -> dict[str, Any]:
+async def _level(
+    base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, requests: int
+) -> dict[str, Any]:
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600,
-                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)
+    ) as client:
+
         async def run(i: int) -> dict[str, Any]:
             async with sem:
-                return {"prompt": i % len(prompts), **await _one(client, model, prompts[i % len(prompts)],
-                                                               max_tokens)}
+                return {"prompt": i % len(prompts), **await _one(client, model, prompts[i % len(prompts)], max_tokens)}
 
         start = time.perf_counter()
         results = await asyncio.gather(*[run(i) for i in range(requests)])
@@ -79,8 +87,12 @@ async def _level(base_url: str, model: str, prompts: list[str], concurrency: int
 
 def _same_texts(level: dict[str, Any], reference: dict[str, Any]) -> bool:
     """Whether every request of `level` got the text its prompt got first at `reference`."""
-    return all(text == reference["texts"][k][0] for k, texts in level["texts"].items()
-               for text in texts if k in reference["texts"])
+    return all(
+        text == reference["texts"][k][0]
+        for k, texts in level["texts"].items()
+        for text in texts
+        if k in reference["texts"]
+    )
 
 
 def _in_process_sampler(config: Any) -> tuple[Any, Any]:
@@ -98,13 +110,15 @@ def _greedy(loaded: Any, max_tokens: int) -> Any:
     return SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=frozenset(loaded.eos_token_ids))
 
 
-def _http_overhead(base_url: str, model: str, loaded: Any, sampler: Any, prompts: list[str],
-                   max_tokens: int) -> dict[str, float]:
+def _http_overhead(
+    base_url: str, model: str, loaded: Any, sampler: Any, prompts: list[str], max_tokens: int
+) -> dict[str, float]:
     """Single-client HTTP against the in-process sampler, alternating prompt by prompt.
 
     The server is idle while the in-process sampler runs and the other way round, so both see
     the same machine; a drift in the machine's speed lands on both sides.
     """
+
     def in_process(prompt: str) -> tuple[int, float]:
         return _run_in_process(loaded, sampler, [prompt], 1, 1, max_tokens)
 
@@ -123,12 +137,16 @@ def _http_overhead(base_url: str, model: str, loaded: Any, sampler: Any, prompts
             totals[side][1] += seconds
     http = totals["http"][0] / totals["http"][1]
     local = totals["in_process"][0] / totals["in_process"][1]
-    return {"http_single_client_tokens_per_s": http, "in_process_tokens_per_s": local,
-            "http_overhead": 1 - http / local}
+    return {
+        "http_single_client_tokens_per_s": http,
+        "in_process_tokens_per_s": local,
+        "http_overhead": 1 - http / local,
+    }
 
 
-def _run_in_process(loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int,
-                    max_tokens: int) -> tuple[int, float]:
+def _run_in_process(
+    loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int, max_tokens: int
+) -> tuple[int, float]:
     """Run `requests` greedy requests (prompts cycled) on the sampler alone with `concurrency`
     sequences always in flight (a finished one is replaced at once). Returns (tokens, seconds)."""
     from server.engine_core import run_to_completion
@@ -140,8 +158,9 @@ def _run_in_process(loaded: Any, sampler: Any, prompts: list[str], concurrency: 
     return sum(len(t) for t in done.tokens.values()), time.perf_counter() - start
 
 
-def _in_process_closed_loop(loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int,
-                            max_tokens: int) -> float:
+def _in_process_closed_loop(
+    loaded: Any, sampler: Any, prompts: list[str], concurrency: int, requests: int, max_tokens: int
+) -> float:
     """Aggregate tokens/s of the sampler alone, the level's requests always `concurrency` in
     flight: what a level could reach with no server, no HTTP and no client in the way."""
     tokens, seconds = _run_in_process(loaded, sampler, prompts, concurrency, requests, max_tokens)
@@ -152,8 +171,9 @@ def _requests_for(concurrency: int, prompts: list[str], requests_per_level: int)
     return requests_per_level or max(len(prompts), 4 * concurrency)
 
 
-def _load_levels(base: str, model: str, prompts: list[str], levels: list[int], max_tokens: int,
-                 requests_per_level: int, label: str) -> list[dict[str, Any]]:
+def _load_levels(
+    base: str, model: str, prompts: list[str], levels: list[int], max_tokens: int, requests_per_level: int, label: str
+) -> list[dict[str, Any]]:
     asyncio.run(_level(base, model, prompts[:1], 1, 8, 1))  # warm-up
     rows = []
     for c in levels:
@@ -163,16 +183,28 @@ def _load_levels(base: str, model: str, prompts: list[str], levels: list[int], m
     return rows
 
 
-def _peer_transformers_serve(model_dir: str, dtype: str, prompts: list[str], levels: list[int],
-                             max_tokens: int, requests_per_level: int) -> list[dict[str, Any]]:
+def _peer_transformers_serve(
+    model_dir: str, dtype: str, prompts: list[str], levels: list[int], max_tokens: int, requests_per_level: int
+) -> list[dict[str, Any]]:
     port = free_port()
     exe = str(Path(sys.executable).with_name("transformers"))
-    command = [exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
-               model_dir]
+    command = [
+        exe,
+        "serve",
+        "--continuous-batching",
+        "--dtype",
+        dtype,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        model_dir,
+    ]
     with LiveServer(command, port, ready_path="/health") as peer:
         peer.wait_ready(timeout=600)
-        return _load_levels(peer.base_url, model_dir, prompts, levels, max_tokens, requests_per_level,
-                            "transformers serve")
+        return _load_levels(
+            peer.base_url, model_dir, prompts, levels, max_tokens, requests_per_level, "transformers serve"
+        )
 
 
 def run(argv: list[str]) -> int:
@@ -181,17 +213,32 @@ def run(argv: list[str]) -> int:
     p.add_argument("--prompts", default="bench/prompts.jsonl")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--sampler", choices=["ar", "parallel", "diffusion"], default=None,
-                   help="the sampler to serve (default: the config's)")
+    p.add_argument(
+        "--sampler",
+        choices=["ar", "parallel", "diffusion"],
+        default=None,
+        help="the sampler to serve (default: the config's)",
+    )
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--requests-per-level", type=int, default=0,
-                   help="requests at each level (default: max(number of prompts, 4 x concurrency), prompts cycled)")
+    p.add_argument(
+        "--requests-per-level",
+        type=int,
+        default=0,
+        help="requests at each level (default: max(number of prompts, 4 x concurrency), prompts cycled)",
+    )
     p.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
-    p.add_argument("--overhead-prompts", type=int, default=8,
-                   help="prompts for the alternating HTTP vs in-process overhead measurement")
+    p.add_argument(
+        "--overhead-prompts",
+        type=int,
+        default=8,
+        help="prompts for the alternating HTTP vs in-process overhead measurement",
+    )
     p.add_argument("--json", dest="json_out")
-    p.add_argument("--peer-transformers-serve", action="store_true",
-                   help="also load-test `transformers serve --continuous-batching` on the same weights")
+    p.add_argument(
+        "--peer-transformers-serve",
+        action="store_true",
+        help="also load-test `transformers serve --continuous-batching` on the same weights",
+    )
     args = p.parse_args(argv)
 
     from server.config import load_config
@@ -201,18 +248,25 @@ def run(argv: list[str]) -> int:
     if args.limit:
         prompts = prompts[: args.limit]
     levels = [int(c) for c in args.concurrency.split(",")]
-    env = {"DGSERVE_DTYPE": args.dtype, "DGSERVE_SAMPLER": config.sampler, "DGSERVE_MAX_NUM_SEQS": str(max(levels)),
-           "DGSERVE_MAX_QUEUE": str(max(1024, 4 * max(levels)))}
+    env = {
+        "DGSERVE_DTYPE": args.dtype,
+        "DGSERVE_SAMPLER": config.sampler,
+        "DGSERVE_MAX_NUM_SEQS": str(max(levels)),
+        "DGSERVE_MAX_QUEUE": str(max(1024, 4 * max(levels))),
+    }
     with LiveServer.dgserve(args.config, env=env) as server:
         server.wait_ready(timeout=600)
-        rows = _load_levels(server.base_url, config.model_name, prompts, levels, args.max_tokens,
-                            args.requests_per_level, "dgserve")
+        rows = _load_levels(
+            server.base_url, config.model_name, prompts, levels, args.max_tokens, args.requests_per_level, "dgserve"
+        )
         loaded, sampler = _in_process_sampler(config)
-        overhead = _http_overhead(server.base_url, config.model_name, loaded, sampler,
-                                  prompts[: args.overhead_prompts], args.max_tokens)
+        overhead = _http_overhead(
+            server.base_url, config.model_name, loaded, sampler, prompts[: args.overhead_prompts], args.max_tokens
+        )
     top = max(rows, key=lambda r: r["concurrency"])
-    top["in_process_tokens_per_s"] = _in_process_closed_loop(loaded, sampler, prompts, top["concurrency"],
-                                                             top["requests"], args.max_tokens)
+    top["in_process_tokens_per_s"] = _in_process_closed_loop(
+        loaded, sampler, prompts, top["concurrency"], top["requests"], args.max_tokens
+    )
     del loaded, sampler
     peer_rows: list[dict[str, Any]] = []
     if args.peer_transformers_serve:
@@ -220,14 +274,19 @@ def run(argv: list[str]) -> int:
         from sampler.runtime.model import BUILTIN_GEMMA3_270M
 
         model_dir = str(builtin_gemma3_270m_dir()) if config.model == BUILTIN_GEMMA3_270M else config.model
-        peer_rows = _peer_transformers_serve(model_dir, args.dtype, prompts, levels, args.max_tokens,
-                                             args.requests_per_level)
+        peer_rows = _peer_transformers_serve(
+            model_dir, args.dtype, prompts, levels, args.max_tokens, args.requests_per_level
+        )
     single = next((r for r in rows if r["concurrency"] == 1), None)
     for r in rows:
         r["texts_identical_to_first_level"] = _same_texts(r, rows[0])
     out = {
-        "config": args.config, "model": config.model, "sampler": config.sampler, "dtype": args.dtype,
-        "max_tokens": args.max_tokens, "prompts": len(prompts),
+        "config": args.config,
+        "model": config.model,
+        "sampler": config.sampler,
+        "dtype": args.dtype,
+        "max_tokens": args.max_tokens,
+        "prompts": len(prompts),
         "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
         **overhead,
     }
@@ -237,20 +296,30 @@ def run(argv: list[str]) -> int:
         out["peer_transformers_serve"] = [{k: v for k, v in r.items() if k != "texts"} for r in peer_rows]
     if single:
         out["scaling_top_vs_single"] = top["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
-    print(f"\n{'conc':>5} {'reqs':>5} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} "
-          f"{'lat p95':>8} {'same text':>9}")
+    print(
+        f"\n{'conc':>5} {'reqs':>5} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} "
+        f"{'lat p95':>8} {'same text':>9}"
+    )
     for r in rows:
-        print(f"{r['concurrency']:>5} {r['requests']:>5} {r['aggregate_tokens_per_s']:>8.1f} {r['ttft_p50_s']:>9.3f} "
-              f"{r['ttft_p95_s']:>9.3f} {r['latency_p50_s']:>8.2f} {r['latency_p95_s']:>8.2f} "
-              f"{str(r['texts_identical_to_first_level']):>9}")
+        print(
+            f"{r['concurrency']:>5} {r['requests']:>5} {r['aggregate_tokens_per_s']:>8.1f} {r['ttft_p50_s']:>9.3f} "
+            f"{r['ttft_p95_s']:>9.3f} {r['latency_p50_s']:>8.2f} {r['latency_p95_s']:>8.2f} "
+            f"{str(r['texts_identical_to_first_level']):>9}"
+        )
     for r in peer_rows:
-        print(f"transformers serve @ {r['concurrency']}: {r['aggregate_tokens_per_s']:.1f} tok/s, "
-              f"ttft p50 {r['ttft_p50_s']:.3f} s, same text {r['texts_identical_to_first_level']}")
-    print(f"HTTP overhead, one client, alternating prompt by prompt with the in-process {config.sampler} sampler: "
-          f"{out['http_single_client_tokens_per_s']:.1f} vs {out['in_process_tokens_per_s']:.1f} tok/s "
-          f"({100 * out['http_overhead']:.1f} %)")
-    print(f"the {config.sampler} sampler in process, {top['concurrency']} sequences always in flight, same requests: "
-          f"{top['in_process_tokens_per_s']:.1f} tok/s (HTTP: {top['aggregate_tokens_per_s']:.1f})")
+        print(
+            f"transformers serve @ {r['concurrency']}: {r['aggregate_tokens_per_s']:.1f} tok/s, "
+            f"ttft p50 {r['ttft_p50_s']:.3f} s, same text {r['texts_identical_to_first_level']}"
+        )
+    print(
+        f"HTTP overhead, one client, alternating prompt by prompt with the in-process {config.sampler} sampler: "
+        f"{out['http_single_client_tokens_per_s']:.1f} vs {out['in_process_tokens_per_s']:.1f} tok/s "
+        f"({100 * out['http_overhead']:.1f} %)"
+    )
+    print(
+        f"the {config.sampler} sampler in process, {top['concurrency']} sequences always in flight, same requests: "
+        f"{top['in_process_tokens_per_s']:.1f} tok/s (HTTP: {top['aggregate_tokens_per_s']:.1f})"
+    )
     if single:
         print(f"scaling at {top['concurrency']}: {out['scaling_top_vs_single']:.2f}x")
     if args.json_out:

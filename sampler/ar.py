@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sampler.runtime.kv_batch import KVBatch
 from sampler.logits import sample_tokens
+from sampler.runtime.kv_batch import KVBatch
 from sampler.sequence import check_prompt, commit_token, resolve_seed
 from sampler.types import SamplingParams, StepEvent
 
@@ -38,13 +38,21 @@ def sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
     if greedy:
         # Indexing copies (B, V) logits (10 ms for 16 rows of Gemma's 262144): skip it when all are greedy.
         picked = (logits if len(greedy) == len(seqs) else logits[greedy]).argmax(dim=-1).tolist()
-        for i, token in zip(greedy, picked):
+        for i, token in zip(greedy, picked, strict=True):
             tokens[i] = token
     for i, seq in enumerate(seqs):
         if not seq.params.greedy:
             p = seq.params
-            tokens[i] = int(sample_tokens(logits[i:i + 1], [seq.next_position], temperature=p.temperature,
-                                          top_k=p.top_k, top_p=p.top_p, seed=seq.seed)[0])
+            tokens[i] = int(
+                sample_tokens(
+                    logits[i : i + 1],
+                    [seq.next_position],
+                    temperature=p.temperature,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    seed=seq.seed,
+                )[0]
+            )
     return tokens
 
 
@@ -74,8 +82,7 @@ class ARSampler:
     @torch.inference_mode()
     def _prefill(self, seq_id: str, seq: _Sequence) -> torch.Tensor:
         """Batch-1 forward over the prompt; the cache joins the batch. Returns logits (V,)."""
-        out = self.model(input_ids=torch.tensor([seq.prompt_ids], device=self.device), use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(input_ids=torch.tensor([seq.prompt_ids], device=self.device), use_cache=True, logits_to_keep=1)
         self._batch.join(seq_id, out.cache, len(seq.prompt_ids))
         seq.prefilled = True
         return out.logits[0, -1]
@@ -88,10 +95,14 @@ class ARSampler:
         positions = [[r] for r in batch.lengths]
         mask = batch.mask_for_step()
         # Without padding the model's own causal mask is the same and cheaper to build.
-        out = self.model(input_ids=torch.tensor(last, device=self.device),
-                         attention_mask=mask if batch.has_padding else None,
-                         position_ids=torch.tensor(positions, device=self.device), cache=batch.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=torch.tensor(last, device=self.device),
+            attention_mask=mask if batch.has_padding else None,
+            position_ids=torch.tensor(positions, device=self.device),
+            cache=batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         batch.advance(mask)
         return out.logits[:, -1]
 
@@ -103,7 +114,7 @@ class ARSampler:
         if rows:
             logits = self._decode()
             seqs = [self._seqs[s] for s in rows]
-            for seq_id, seq, token in zip(rows, seqs, sample_rows(logits, seqs)):
+            for seq_id, seq, token in zip(rows, seqs, sample_rows(logits, seqs), strict=True):
                 events[seq_id] = commit_token(seq.generated, token, seq.params)
         for seq_id, seq in list(self._seqs.items()):
             if not seq.prefilled:

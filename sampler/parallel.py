@@ -64,11 +64,22 @@ class ParallelSampler:
 
     name = "parallel"
 
-    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", *,
-                 block_size: int = 8, max_candidates: int = 6, candidate_len: int = 8,
-                 key_len: int = 3, trajectory_per_key: int = 2, steps: int | None = None,
-                 max_tree_nodes: int = 16, shortlist_size: int = 4096, lean_below: float = 1.0,
-                 probe_every: int = 8) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device | str = "cpu",
+        *,
+        block_size: int = 8,
+        max_candidates: int = 6,
+        candidate_len: int = 8,
+        key_len: int = 3,
+        trajectory_per_key: int = 2,
+        steps: int | None = None,
+        max_tree_nodes: int = 16,
+        shortlist_size: int = 4096,
+        lean_below: float = 1.0,
+        probe_every: int = 8,
+    ) -> None:
         if block_size < 1 or candidate_len < 1 or max_candidates < 0 or key_len < 1 or shortlist_size < 0:
             raise ValueError("block_size, candidate_len, key_len must be >= 1; max_candidates, shortlist_size >= 0")
         if steps is not None and steps < 1:
@@ -134,7 +145,11 @@ class ParallelSampler:
         if shortlist is not None:
             shortlist.add(list(prompt_ids))
         self._seqs[seq_id] = _Sequence(
-            params, resolve_seed(params), steps, pool, shortlist,
+            params,
+            resolve_seed(params),
+            steps,
+            pool,
+            shortlist,
             block_end=len(prompt_ids) + self.block_size - 1,
         )
 
@@ -159,9 +174,16 @@ class ParallelSampler:
         # Committing d tree tokens plus one drawn token must not pass max_tokens.
         tree, draft_nodes = self._build_tree(seq, seq.params.max_tokens - len(seq.generated) - 1)
         hidden = self._forward(seq, tree)
-        draws = Draws(hidden, [root_pos + 1] + [root_pos + d + 1 for d in tree.depths], head=self._head,
-                      cap=self._softcap, vocab_size=self._vocab, params=seq.params, seed=seq.seed,
-                      shortlist=seq.shortlist)
+        draws = Draws(
+            hidden,
+            [root_pos + 1] + [root_pos + d + 1 for d in tree.depths],
+            head=self._head,
+            cap=self._softcap,
+            vocab_size=self._vocab,
+            params=seq.params,
+            seed=seq.seed,
+            shortlist=seq.shortlist,
+        )
         path = self._verify(seq, tree, draft_nodes, draws)
         return self._advance(seq, tree, draft_nodes, draws, path, num_pending)
 
@@ -177,16 +199,21 @@ class ParallelSampler:
         if depth_cap <= 0:
             return GuessTree(), []
         # A client watching refinements gets a refined draft every step, so never lean then.
-        lean = (seq.steps is None and not seq.params.stream_refinements and seq.accept_avg < self.lean_below
-                and (seq.lean_run + 1) % self.probe_every)
+        lean = (
+            seq.steps is None
+            and not seq.params.stream_refinements
+            and seq.accept_avg < self.lean_below
+            and (seq.lean_run + 1) % self.probe_every
+        )
         seq.lean_run = seq.lean_run + 1 if lean else 0
         cand_len = min(self.candidate_len, depth_cap)
         if lean:
             candidates = seq.pool.candidates(self.max_candidates, cand_len, min_key=2)
             return guess_tree([], 0, candidates, self.max_tree_nodes, seq.pool.tokens[-1])
         candidates = seq.pool.candidates(self.max_candidates, cand_len)
-        return guess_tree(seq.draft, min(self.block_size, depth_cap), candidates, self.max_tree_nodes,
-                          seq.pool.tokens[-1])
+        return guess_tree(
+            seq.draft, min(self.block_size, depth_cap), candidates, self.max_tree_nodes, seq.pool.tokens[-1]
+        )
 
     def _forward(self, seq: _Sequence, tree: GuessTree) -> torch.Tensor:
         """One forward over the pending tokens then the tree's nodes, appending their KV rows to
@@ -230,8 +257,9 @@ class ParallelSampler:
                 draws.ensure(draws.guessed_path(tree, row))
         return path
 
-    def _advance(self, seq: _Sequence, tree: GuessTree, draft_nodes: list[int], draws: Draws, path: list[int],
-                 num_pending: int) -> StepEvent:
+    def _advance(
+        self, seq: _Sequence, tree: GuessTree, draft_nodes: list[int], draws: Draws, path: list[int], num_pending: int
+    ) -> StepEvent:
         """Commit the walked `path` plus the token drawn at its end, keep only their KV rows,
         refresh the draft and, when `steps` runs out, commit the rest of the block from it."""
         root_pos = len(seq.pool.tokens) - 1  # nothing is committed yet in this step
@@ -304,4 +332,3 @@ class ParallelSampler:
                 out.finish_reason = event.finish_reason
                 break
         return out
-

@@ -61,8 +61,18 @@ class Draws:
     its logits are soft-capped by `cap` as the model's forward does. `shortlist` None: no guesses.
     """
 
-    def __init__(self, hidden: torch.Tensor, positions: list[int], *, head: torch.nn.Module, cap: float | None,
-                 vocab_size: int, params: SamplingParams, seed: int, shortlist: Shortlist | None) -> None:
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        positions: list[int],
+        *,
+        head: torch.nn.Module,
+        cap: float | None,
+        vocab_size: int,
+        params: SamplingParams,
+        seed: int,
+        shortlist: Shortlist | None,
+    ) -> None:
         self.hidden, self.positions = hidden, positions  # hidden: (R, d)
         self.head, self.cap, self.vocab_size = head, cap, vocab_size
         self.params, self.seed, self.shortlist = params, seed, shortlist

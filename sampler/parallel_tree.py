@@ -53,8 +53,9 @@ class GuessTree:
         return len(self.tokens)
 
 
-def guess_tree(draft: list[int], draft_len: int, candidates: list[list[int]], max_nodes: int,
-               last_token: int) -> tuple[GuessTree, list[int]]:
+def guess_tree(
+    draft: list[int], draft_len: int, candidates: list[list[int]], max_nodes: int, last_token: int
+) -> tuple[GuessTree, list[int]]:
     """The draft first (so all its `draft_len` nodes are known), then `candidates` (best first,
     so the `max_nodes` budget cuts the least promising). Returns the tree and the draft's nodes.
 
@@ -93,8 +94,9 @@ def forward_rows(cache_len: int, num_pending: int, tree: GuessTree) -> tuple[tor
     return positions, allowed
 
 
-def attention_masks(layer_types: list[str], window: int, cache_len: int, positions: torch.Tensor,
-                    allowed: torch.Tensor) -> dict[str, torch.Tensor]:
+def attention_masks(
+    layer_types: list[str], window: int, cache_len: int, positions: torch.Tensor, allowed: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Boolean (1, 1, Q, K) masks per layer type in `layer_types`; True = may attend.
 
     positions: (Q,) absolute positions of the new rows. allowed: (Q, Q) ancestry among the

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -11,7 +11,7 @@ import torch
 @dataclass
 class _Out:
     logits: torch.Tensor
-    cache: "TokenCache"
+    cache: TokenCache
 
 
 class _TokenLayer:
@@ -43,8 +43,15 @@ class ScriptedModel(torch.nn.Module):
         self.script = script
         self.forward_calls = 0
 
-    def forward(self, input_ids: torch.Tensor, cache: TokenCache | None = None, use_cache: bool = True,
-                logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None, **_: object) -> _Out:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: TokenCache | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        **_: object,
+    ) -> _Out:
         self.forward_calls += 1
         batch, n_new = input_ids.shape
         cache = cache or TokenCache(batch)
@@ -56,7 +63,7 @@ class ScriptedModel(torch.nn.Module):
         mask = attention_mask if attention_mask is not None else torch.ones(batch, total, dtype=torch.long)
         rows = []
         for b in range(batch):
-            context = [int(t) for t, m in zip(layer.keys[b, 0, :, 0].tolist(), mask[b].tolist()) if m]
+            context = [int(t) for t, m in zip(layer.keys[b, 0, :, 0].tolist(), mask[b].tolist(), strict=True) if m]
             rows.append(torch.stack([self.script(context[: len(context) - n_new + i + 1]) for i in range(n_new)]))
         logits = torch.stack(rows)
         if logits_to_keep:

@@ -15,8 +15,9 @@ def run_alone(sampler, prompt, params, seq_id="s"):
 
 def test_max_tokens_gives_length():
     model = ScriptedModel(V, counting_script(V))
-    tokens, reason, forwards = run_alone(ARSampler(model, torch.device("cpu")), [3],
-                                         SamplingParams(max_tokens=5, temperature=0))
+    tokens, reason, forwards = run_alone(
+        ARSampler(model, torch.device("cpu")), [3], SamplingParams(max_tokens=5, temperature=0)
+    )
     assert tokens == [4, 5, 6, 7, 8]
     assert reason == "length"
     assert forwards == 5 == model.forward_calls
@@ -24,8 +25,11 @@ def test_max_tokens_gives_length():
 
 def test_stop_token_ends_without_being_emitted():
     model = ScriptedModel(V, counting_script(V, eos=1, eos_after=4))
-    tokens, reason, _ = run_alone(ARSampler(model, torch.device("cpu")), [3],
-                                  SamplingParams(max_tokens=50, temperature=0, stop_token_ids=frozenset({1})))
+    tokens, reason, _ = run_alone(
+        ARSampler(model, torch.device("cpu")),
+        [3],
+        SamplingParams(max_tokens=50, temperature=0, stop_token_ids=frozenset({1})),
+    )
     assert tokens == [4, 5, 6]
     assert reason == "stop"
 
@@ -41,10 +45,12 @@ def test_cancel_removes_sequence():
 def test_greedy_matches_transformers_generate(tiny_loaded):
     model, tok = tiny_loaded.model, tiny_loaded.tokenizer
     prompt = tok("def fibonacci(n):")["input_ids"]
-    ours, reason, _ = run_alone(ARSampler(model, torch.device("cpu")), prompt,
-                                SamplingParams(max_tokens=40, temperature=0))
-    ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
-                         eos_token_id=None)[0, len(prompt):].tolist()
+    ours, reason, _ = run_alone(
+        ARSampler(model, torch.device("cpu")), prompt, SamplingParams(max_tokens=40, temperature=0)
+    )
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None)[
+        0, len(prompt) :
+    ].tolist()
     assert ours == ref  # 40 tokens: crosses the tiny model's 16-token sliding window
     assert reason == "length"
 
@@ -56,13 +62,19 @@ def test_seeded_sampling_reproducible_and_batch_invariant(tiny_loaded):
     alone, _, _ = run_alone(ARSampler(model, torch.device("cpu")), prompt, params)
     again, _, _ = run_alone(ARSampler(model, torch.device("cpu")), prompt, params)
     assert alone == again
-    other, _, _ = run_alone(ARSampler(model, torch.device("cpu")), prompt,
-                            SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=43))
+    other, _, _ = run_alone(
+        ARSampler(model, torch.device("cpu")),
+        prompt,
+        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=43),
+    )
     assert other != alone
     # The same request sharing steps with others gives the same tokens.
     sampler = ARSampler(model, torch.device("cpu"))
-    got = run_to_completion(sampler, {
-        "x": (tok("Hello, world")["input_ids"], SamplingParams(max_tokens=30, temperature=1.0, seed=1)),
-        "me": (prompt, params),
-    }).tokens["me"]
+    got = run_to_completion(
+        sampler,
+        {
+            "x": (tok("Hello, world")["input_ids"], SamplingParams(max_tokens=30, temperature=1.0, seed=1)),
+            "me": (prompt, params),
+        },
+    ).tokens["me"]
     assert got == alone

@@ -42,8 +42,12 @@ def _fresh_tiny_gemma3(tokenizer) -> nn.Module:
     """The tiny model as built, before load_model swaps its linears."""
     from sampler.runtime.tiny import build_tiny_gemma3
 
-    return build_tiny_gemma3(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id).eval()
+    return build_tiny_gemma3(
+        len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    ).eval()
 
 
 @needs_onednn

@@ -13,7 +13,7 @@ def feed(tok, ids, stop=None, chunk=1):
     detok = IncrementalDetokenizer(tok, stop)
     pieces = []
     for i in range(0, len(ids), chunk):
-        pieces.append(detok.add(ids[i:i + chunk]))
+        pieces.append(detok.add(ids[i : i + chunk]))
         if detok.stopped:
             break
     pieces.append(detok.flush())

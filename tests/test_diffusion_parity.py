@@ -43,7 +43,7 @@ def reference_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: 
     if "entropy_bound" in kwargs:
         kwargs["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=kwargs.pop("entropy_bound"))
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, **kwargs)
-    tokens = out.sequences[0, len(prompt):].tolist()
+    tokens = out.sequences[0, len(prompt) :].tolist()
     cut = next((i for i, t in enumerate(tokens) if t in EOS_IDS), len(tokens))
     return tokens[:cut]
 
@@ -58,15 +58,25 @@ def our_run(sampler: DiffusionSampler, prompt: list[int], params: SamplingParams
 CASES = [
     (dict(max_denoising_steps=6), 64),
     (dict(max_denoising_steps=8, stability_threshold=0, confidence_threshold=1.0), 64),
-    (dict(max_denoising_steps=5, t_min=0.2, t_max=1.3, entropy_bound=0.6, stability_threshold=2,
-          confidence_threshold=2.0), 64),
+    (
+        dict(
+            max_denoising_steps=5,
+            t_min=0.2,
+            t_max=1.3,
+            entropy_bound=0.6,
+            stability_threshold=2,
+            confidence_threshold=2.0,
+        ),
+        64,
+    ),
     (dict(), 32),
 ]
 
 
 def _params(settings: dict, max_tokens: int, **extra) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, stop_token_ids=frozenset(EOS_IDS),
-                          diffusion=DiffusionOptions(**settings), **extra)
+    return SamplingParams(
+        max_tokens=max_tokens, stop_token_ids=frozenset(EOS_IDS), diffusion=DiffusionOptions(**settings), **extra
+    )
 
 
 @pytest.mark.parametrize("settings,max_new", CASES)
@@ -87,6 +97,7 @@ def steered(model: torch.nn.Module) -> Iterator[None]:
     """Push canvas position i towards token 100 + i: a random model's argmax canvas never
     settles, a steered one does after a varying number of steps, so the released stopping
     rule (stable for 1 step and mean entropy < 0.005) fires mid-block."""
+
     def hook(module, inputs, output):
         positions = torch.arange(output.shape[1])
         output[:, positions, positions + 100] += 24.0
@@ -101,8 +112,9 @@ def test_global_rng_parity_with_early_stops(model: torch.nn.Module, steered: Non
     torch.manual_seed(5)
     expected = reference_tokens(model, PROMPT, 96, max_denoising_steps=16)
     torch.manual_seed(5)
-    ours, events = our_run(DiffusionSampler(model, CPU, noise="global"), PROMPT,
-                           _params(dict(max_denoising_steps=16), 96))
+    ours, events = our_run(
+        DiffusionSampler(model, CPU, noise="global"), PROMPT, _params(dict(max_denoising_steps=16), 96)
+    )
     assert ours == expected
     steps = [e.denoising_steps for e in events if e.denoising_steps is not None]
     assert len(steps) == 3 and min(steps) < 16, steps
@@ -111,6 +123,7 @@ def test_global_rng_parity_with_early_stops(model: torch.nn.Module, steered: Non
 @pytest.fixture
 def eos_at_index_5(model: torch.nn.Module) -> Iterator[None]:
     """Bias the decoder's logits: canvas position 5 is certainly EOS (id 5), every block."""
+
     def hook(module, inputs, output):
         output[:, 5, :] = -1e4
         output[:, 5, 5] = 1e4
@@ -136,8 +149,9 @@ def test_global_rng_parity_trims_to_max_tokens(model: torch.nn.Module) -> None:
     torch.manual_seed(7)
     expected = reference_tokens(model, PROMPT, 40, max_denoising_steps=4)
     torch.manual_seed(7)
-    ours, events = our_run(DiffusionSampler(model, CPU, noise="global"), PROMPT,
-                           _params(dict(max_denoising_steps=4), 40))
+    ours, events = our_run(
+        DiffusionSampler(model, CPU, noise="global"), PROMPT, _params(dict(max_denoising_steps=4), 40)
+    )
     assert len(expected) == 64 and ours == expected[:40]
     assert [len(e.token_ids) for e in events if e.denoising_steps] == [32, 8]
     assert events[-1].finish_reason == "length"
@@ -171,19 +185,32 @@ class _KeyedReferenceNoise:
         return torch.where(sampler.accepted_token_mask, accepted, noise[None])
 
 
-@pytest.mark.parametrize("settings,max_new,steer", [(*CASES[0], False), (*CASES[1], False),
-                                                     (dict(max_denoising_steps=16), 96, True)])
-def test_keyed_noise_parity(model: torch.nn.Module, settings: dict, max_new: int, steer: bool,
-                            monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    "settings,max_new,steer", [(*CASES[0], False), (*CASES[1], False), (dict(max_denoising_steps=16), 96, True)]
+)
+def test_keyed_noise_parity(
+    model: torch.nn.Module,
+    settings: dict,
+    max_new: int,
+    steer: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
     if steer:
         request.getfixturevalue("steered")
     seed = 4321
     steps = settings.get("max_denoising_steps", 48)
     noise = _KeyedReferenceNoise(seed, steps, model.config.text_config.vocab_size)
-    monkeypatch.setattr(reference_module.EntropyBoundSampler, "initialize_canvas",
-                        lambda self, batch_size, device: noise.initialize_canvas(self, batch_size, device))
-    monkeypatch.setattr(reference_module.EntropyBoundSampler, "renoise_canvas",
-                        lambda self, accepted, cur_step: noise.renoise_canvas(self, accepted, cur_step))
+    monkeypatch.setattr(
+        reference_module.EntropyBoundSampler,
+        "initialize_canvas",
+        lambda self, batch_size, device: noise.initialize_canvas(self, batch_size, device),
+    )
+    monkeypatch.setattr(
+        reference_module.EntropyBoundSampler,
+        "renoise_canvas",
+        lambda self, accepted, cur_step: noise.renoise_canvas(self, accepted, cur_step),
+    )
     monkeypatch.setattr(torch, "multinomial", noise.multinomial)
     expected = reference_tokens(model, PROMPT, max_new, **settings)
     monkeypatch.undo()

@@ -33,8 +33,11 @@ def params(max_tokens: int = 64, steps: int | None = 4, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, stop_token_ids=EOS_IDS, diffusion=options, **kw)
 
 
-def drive(sampler: DiffusionSampler, requests: dict[str, tuple[list[int], SamplingParams]],
-          join_at: dict[str, int] | None = None) -> tuple[dict[str, list[int]], dict[str, list[StepEvent]]]:
+def drive(
+    sampler: DiffusionSampler,
+    requests: dict[str, tuple[list[int], SamplingParams]],
+    join_at: dict[str, int] | None = None,
+) -> tuple[dict[str, list[int]], dict[str, list[StepEvent]]]:
     """Run to completion; request k joins before step join_at[k]. Returns tokens and events."""
     done = run_to_completion(sampler, requests, join_at=join_at)
     return done.tokens, done.events
@@ -47,8 +50,10 @@ C = ([2, *range(60, 100)], params(70, seed=9, temperature=0.7, entropy_bound=0.5
 
 def test_seeded_output_identical_alone_and_batched(model: torch.nn.Module) -> None:
     """Keyed noise and per-row forwards: a request's tokens ignore its neighbours."""
-    alone = {k: drive(DiffusionSampler(model, CPU, batch_invariant=True), {k: r})[0][k]
-             for k, r in {"a": A, "b": B, "c": C}.items()}
+    alone = {
+        k: drive(DiffusionSampler(model, CPU, batch_invariant=True), {k: r})[0][k]
+        for k, r in {"a": A, "b": B, "c": C}.items()
+    }
     sampler = DiffusionSampler(model, CPU, batch_invariant=True)
     together, _ = drive(sampler, {"a": A, "b": B, "c": C}, {"a": 0, "b": 1, "c": 5})
     assert together == alone
@@ -125,8 +130,7 @@ def test_max_tokens_trims_the_block(model: torch.nn.Module, max_tokens: int, com
 
 def test_stream_refinements_drafts(model: torch.nn.Module, eos_at: list[int]) -> None:
     eos_at.append(20)
-    _, events = drive(DiffusionSampler(model, CPU),
-                      {"r": ([2, 3], params(100, seed=4, stream_refinements=True))})
+    _, events = drive(DiffusionSampler(model, CPU), {"r": ([2, 3], params(100, seed=4, stream_refinements=True))})
     evs = events["r"]
     assert [e.refinement_step for e in evs] == [1, 2, 3, 4]
     for e in evs:
@@ -156,8 +160,13 @@ def test_request_overrides_and_validation(model: torch.nn.Module) -> None:
     sampler = DiffusionSampler(model, CPU, max_denoising_steps=7, entropy_bound=0.2)
     assert sampler.defaults.max_denoising_steps == 7 and sampler.defaults.t_max == 0.8
     chosen = sampler.settings_for(params(steps=3, t_min=0.1, t_max=0.3, stability_threshold=0))
-    assert (chosen.max_denoising_steps, chosen.t_min, chosen.t_max, chosen.entropy_bound,
-            chosen.stability_threshold) == (3, 0.1, 0.3, 0.2, 0)
+    assert (
+        chosen.max_denoising_steps,
+        chosen.t_min,
+        chosen.t_max,
+        chosen.entropy_bound,
+        chosen.stability_threshold,
+    ) == (3, 0.1, 0.3, 0.2, 0)
     for bad in [dict(t_min=0.9), dict(steps=0), dict(entropy_bound=0.0), dict(confidence_threshold=-1.0)]:
         with pytest.raises(ValueError):
             sampler.add("x", [1, 2], params(**bad))
@@ -177,20 +186,25 @@ def test_cancel_mid_block(model: torch.nn.Module) -> None:
 
 
 def test_registry_config_and_loader() -> None:
-    from sampler.runtime.loading import load_model
     from sampler.registry import build_sampler
+    from sampler.runtime.loading import load_model
     from server.config import load_config
 
     config = load_config(REPO / "configs" / "tiny-diffusion.yaml")
-    assert (config.model, config.sampler, config.dtype, config.device) == ("tiny-diffusion", "diffusion",
-                                                                            "float32", "cpu")
+    assert (config.model, config.sampler, config.dtype, config.device) == (
+        "tiny-diffusion",
+        "diffusion",
+        "float32",
+        "cpu",
+    )
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     assert loaded.kind == "diffusion" and len(loaded.tokenizer) <= loaded.model.config.text_config.vocab_size
     sampler = build_sampler(config.sampler, loaded, config.diffusion)
     assert isinstance(sampler, DiffusionSampler)
     prompt = loaded.tokenizer("Hello, world!")["input_ids"]
-    tokens, _ = drive(sampler, {"r": (prompt, SamplingParams(max_tokens=12, seed=0,
-                                                             stop_token_ids=frozenset(loaded.eos_token_ids)))})
+    tokens, _ = drive(
+        sampler, {"r": (prompt, SamplingParams(max_tokens=12, seed=0, stop_token_ids=frozenset(loaded.eos_token_ids)))}
+    )
     assert len(tokens["r"]) == 12 and loaded.tokenizer.decode(tokens["r"]).strip()
 
     gpu = load_config(REPO / "configs" / "diffusiongemma-26b.yaml")
@@ -212,7 +226,16 @@ def test_save_pretrained_round_trip(tmp_path: Path) -> None:
     assert saved == DiffusionSampler(tiny.model, CPU, tiny.generation_config).defaults
     for name, value in tiny.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
-    request = {"r": ([2, 3, 4], SamplingParams(max_tokens=40, seed=11, diffusion=DiffusionOptions(max_denoising_steps=4),
-                                               stop_token_ids=frozenset(tiny.eos_token_ids)))}
+    request = {
+        "r": (
+            [2, 3, 4],
+            SamplingParams(
+                max_tokens=40,
+                seed=11,
+                diffusion=DiffusionOptions(max_denoising_steps=4),
+                stop_token_ids=frozenset(tiny.eos_token_ids),
+            ),
+        )
+    }
     reloaded, original = (drive(DiffusionSampler(m, CPU), request)[0] for m in (loaded.model, tiny.model))
     assert reloaded == original

@@ -37,10 +37,9 @@ def test_greedy_is_argmax():
 
 def test_sampling_follows_softmax():
     logits = torch.tensor([math.log(0.6), math.log(0.3), math.log(0.1)])
-    draws = torch.stack([
-        sample_tokens(logits[None], [pos], temperature=1.0, top_k=0, top_p=1.0, seed=123)[0]
-        for pos in range(3000)
-    ])
+    draws = torch.stack(
+        [sample_tokens(logits[None], [pos], temperature=1.0, top_k=0, top_p=1.0, seed=123)[0] for pos in range(3000)]
+    )
     freq = torch.bincount(draws, minlength=3).float() / len(draws)
     assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.04), freq
 

@@ -11,7 +11,7 @@ from server.engine_core import run_to_completion
 
 PROMPTS = [
     "def is_prime(n: int) -> bool:\n",
-    'Shopping list:\n- eggs\n- bread\n- butter\n-',
+    "Shopping list:\n- eggs\n- bread\n- butter\n-",
 ]
 
 

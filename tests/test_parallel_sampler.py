@@ -53,8 +53,11 @@ def test_greedy_equals_ar(tiny_loaded, block_size, shortlist_size, lean_below):
     multi = 0
     for prompt in prompts(model.config.vocab_size, 8, seed=block_size):
         ar, _ = run(ARSampler(model, device), prompt, params)
-        par, events = run(ParallelSampler(model, device, block_size=block_size, shortlist_size=shortlist_size,
-                                          lean_below=lean_below), prompt, params)
+        par, events = run(
+            ParallelSampler(model, device, block_size=block_size, shortlist_size=shortlist_size, lean_below=lean_below),
+            prompt,
+            params,
+        )
         assert par == ar, f"prompt {prompt}"
         assert len(par) == 40 and events[-1].finish_reason == "length"
         assert all(e.forward_passes == 1 and e.token_ids for e in events)
@@ -70,8 +73,19 @@ def test_long_prompt_and_output_cross_the_window(tiny_loaded):
     params = SamplingParams(max_tokens=4 * WINDOW, temperature=0.0)
     ar, _ = run(ARSampler(model, device), prompt, params)
     for block_size, max_nodes in ((2, 8), (6, 16), (WINDOW + 4, 40)):
-        par, _ = run(ParallelSampler(model, device, block_size=block_size, max_candidates=6, candidate_len=12,
-                                     max_tree_nodes=max_nodes, shortlist_size=64), prompt, params)
+        par, _ = run(
+            ParallelSampler(
+                model,
+                device,
+                block_size=block_size,
+                max_candidates=6,
+                candidate_len=12,
+                max_tree_nodes=max_nodes,
+                shortlist_size=64,
+            ),
+            prompt,
+            params,
+        )
         assert par == ar
 
 
@@ -110,7 +124,7 @@ def test_kv_cache_matches_ar_past_the_window(tiny_loaded):
             assert ar_out == par_seq.generated
             ar_cache = ar._batch.cache  # one sequence: no padding columns
             assert par_seq.cache_len == len(prompt) + n - 1  # everything but the pending token
-            for mine, theirs in zip(par_seq.cache.layers, ar_cache.layers):
+            for mine, theirs in zip(par_seq.cache.layers, ar_cache.layers, strict=True):
                 assert mine.keys.shape == theirs.keys.shape
                 if getattr(mine, "is_sliding", False):
                     assert mine.keys.shape[-2] == WINDOW - 1
@@ -142,7 +156,7 @@ def test_keep_rows_compacts_new_rows(tiny_loaded):
         rows = layer.keys[0, 0, :, 0].tolist()
         expected = list(range(past)) + [past, past + 2, past + 5]
         if layer.is_sliding:
-            expected = expected[-(WINDOW - 1):]
+            expected = expected[-(WINDOW - 1) :]
             assert layer.cumulative_length == past + 3
         assert rows == expected
 
@@ -162,8 +176,9 @@ def test_stop_tokens_and_max_tokens_like_ar(tiny_loaded):
         assert events[-1].finish_reason == ar_events[-1].finish_reason == "stop"
         assert stop not in par
     for max_tokens in (1, 2, 5, 13):
-        par, events = run(ParallelSampler(model, device, block_size=8), prompt,
-                          SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        par, events = run(
+            ParallelSampler(model, device, block_size=8), prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        )
         assert par == free[:max_tokens]
         assert events[-1].finish_reason == "length"
         assert all(e.finish_reason is None for e in events[:-1])
@@ -174,8 +189,9 @@ def test_steps_caps_forwards_per_block(tiny_loaded, steps):
     model, device = tiny_loaded.model, tiny_loaded.device
     block = 4
     prompt = prompts(model.config.vocab_size, 1, seed=3)[0]
-    params = SamplingParams(max_tokens=37, temperature=0.0, parallel=ParallelOptions(steps=steps),
-                            stream_refinements=True)
+    params = SamplingParams(
+        max_tokens=37, temperature=0.0, parallel=ParallelOptions(steps=steps), stream_refinements=True
+    )
     out, events = run(ParallelSampler(model, device, block_size=block), prompt, params)
     assert len(out) == 37 and events[-1].finish_reason == "length"
     # A block is a run of `block` positions; count the forwards each one took.
@@ -196,12 +212,16 @@ def test_steps_caps_forwards_per_block(tiny_loaded, steps):
 def test_steps_default_comes_from_constructor_and_request_wins(tiny_loaded):
     model, device = tiny_loaded.model, tiny_loaded.device
     prompt = [7, 8, 9, 10]
-    _, by_config = run(ParallelSampler(model, device, block_size=5, steps=1), prompt,
-                       SamplingParams(max_tokens=20, temperature=0.0))
+    _, by_config = run(
+        ParallelSampler(model, device, block_size=5, steps=1), prompt, SamplingParams(max_tokens=20, temperature=0.0)
+    )
     assert len(by_config) <= 4  # 20 tokens, at least 5 per forward
     exact, _ = run(ARSampler(model, device), prompt, SamplingParams(max_tokens=20, temperature=0.0))
-    by_request, _ = run(ParallelSampler(model, device, block_size=5, steps=1), prompt,
-                        SamplingParams(max_tokens=20, temperature=0.0, parallel=ParallelOptions(steps=1000)))
+    by_request, _ = run(
+        ParallelSampler(model, device, block_size=5, steps=1),
+        prompt,
+        SamplingParams(max_tokens=20, temperature=0.0, parallel=ParallelOptions(steps=1000)),
+    )
     assert by_request == exact
 
 

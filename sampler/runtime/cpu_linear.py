@@ -17,9 +17,9 @@ and a 2048 x 640 MLP projection at 16 rows: MKL 1.8, oneDNN 0.7, bfloat16 2.8. S
 * bfloat16 weights on a CPU without native bfloat16: up to 3 rows stay in bfloat16 (half the
   bytes to stream; head at 1 thread, rows 1/2/3/4: bfloat16 58/91/115/173 ms, widened to
   float32 95/182/141/163 ms); more rows run in float32 through oneDNN against a float32 copy
-  of the weight (+4 bytes per parameter) and the result is rounded back to bfloat16. A bfloat16 GEMM on such a CPU widens its operands to
-  float32 and accumulates in float32 anyway, so the values are those of a bfloat16 GEMM up to
-  the order of summation.
+  of the weight (+4 bytes per parameter) and the result is rounded back to bfloat16. A bfloat16
+  GEMM on such a CPU widens its operands to float32 and accumulates in float32 anyway, so the
+  values are those of a bfloat16 GEMM up to the order of summation.
 
 Parameters stay shared with the original module (tied embeddings stay tied); forward hooks on
 the replaced module keep working because the replacement is itself the module the parent
@@ -99,8 +99,10 @@ class CpuLinear(nn.Module):
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"bias={self.bias is not None}, widened_bf16={self._weight32 is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, widened_bf16={self._weight32 is not None}"
+        )
 
 
 def speed_up_linears(model: nn.Module, mode: CpuGemm = "auto") -> int:
@@ -111,16 +113,24 @@ def speed_up_linears(model: nn.Module, mode: CpuGemm = "auto") -> int:
     if mode == "native" or not onednn_linear_works():
         return 0
     widen = not native_bf16()
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if type(child) is nn.Linear]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
     replacements: dict[int, CpuLinear] = {}  # a Linear shared by two parents gets one replacement
     for parent, name, child in targets:
         if child.weight.device.type == "cpu" and child.weight.dtype in (torch.float32, torch.bfloat16):
             if id(child) not in replacements:
                 replacements[id(child)] = CpuLinear(child, widen_bf16=widen)
             setattr(parent, name, replacements[id(child)])
-    extra = sum(m._weight32.numel() * 4 for m in model.modules()
-                if isinstance(m, CpuLinear) and m._weight32 is not None)
-    log.info("CPU linears: %d replaced (oneDNN float32%s)", len(replacements),
-             f"; multi-row bfloat16 in float32, +{extra / 2**20:.0f} MiB of float32 weights" if extra else "")
+    extra = sum(
+        m._weight32.numel() * 4 for m in model.modules() if isinstance(m, CpuLinear) and m._weight32 is not None
+    )
+    log.info(
+        "CPU linears: %d replaced (oneDNN float32%s)",
+        len(replacements),
+        f"; multi-row bfloat16 in float32, +{extra / 2**20:.0f} MiB of float32 weights" if extra else "",
+    )
     return len(replacements)

@@ -28,7 +28,7 @@ def _left_pad(x: torch.Tensor, columns: int) -> torch.Tensor:
     """(B, H, C, D) → (B, H, columns, D), zeros on the left (columns >= C)."""
     missing = columns - x.shape[-2]
     if missing <= 0:
-        return x[:, :, x.shape[-2] - columns:, :]
+        return x[:, :, x.shape[-2] - columns :, :]
     pad = x.new_zeros(x.shape[0], x.shape[1], missing, x.shape[3])
     return torch.cat([pad, x], dim=-2)
 

@@ -30,6 +30,7 @@ log = logging.getLogger("dgserve.loading")
 # Bump when the cached layout changes, so old caches are rebuilt instead of misread.
 _CACHE_FORMAT = 1
 
+
 def cache_root() -> Path:
     return Path(os.environ.get("DGSERVE_CACHE", Path.home() / ".cache" / "dgserve")).expanduser()
 
@@ -78,9 +79,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(tmp)
     _step("dequantizing the GGUF weights", started)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     # save_pretrained refuses GGUF-quantized models; the weights are plain float32 by now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -112,8 +111,10 @@ def _load_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device) 
 
     config = AutoConfig.from_pretrained(path_or_id)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    if "DiffusionGemma" in " ".join(getattr(config, "architectures", None) or []) or \
-            config.model_type == "diffusion_gemma":
+    if (
+        "DiffusionGemma" in " ".join(getattr(config, "architectures", None) or [])
+        or config.model_type == "diffusion_gemma"
+    ):
         from transformers import DiffusionGemmaForBlockDiffusion
 
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(path_or_id, dtype=dtype)

@@ -29,8 +29,17 @@ class LoadedModel:
     generation_config: Any = None
 
     @classmethod
-    def of(cls, model: torch.nn.Module, tokenizer: Any, kind: ModelKind, *, source: str, device: torch.device,
-           dtype: torch.dtype, eos_token_ids: list[int] | None = None) -> LoadedModel:
+    def of(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        kind: ModelKind,
+        *,
+        source: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        eos_token_ids: list[int] | None = None,
+    ) -> LoadedModel:
         """Describe a loaded module: context length, generation config and EOS ids read from it.
 
         `eos_token_ids` None: the generation config's, else the tokenizer's.

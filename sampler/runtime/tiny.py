@@ -54,8 +54,9 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_gemma3(vocab_size: int, *, eos_token_id: int, pad_token_id: int, bos_token_id: int,
-                      seed: int = 0) -> torch.nn.Module:
+def build_tiny_gemma3(
+    vocab_size: int, *, eos_token_id: int, pad_token_id: int, bos_token_id: int, seed: int = 0
+) -> torch.nn.Module:
     """A 2-layer random Gemma 3 causal LM: one sliding-window (16) layer and one full layer.
 
     The sliding window is tiny on purpose, so tests cross it within a few dozen tokens.

@@ -17,29 +17,63 @@ from sampler.runtime.model import TINY_DIFFUSION, LoadedModel
 from sampler.runtime.tiny import build_seeded
 
 
-def tiny_diffusion_config(vocab_size: int = 1024, canvas_length: int = 32, *, pad_token_id: int = 0,
-                          eos_token_id: int | list[int] = 1, bos_token_id: int = 2) -> Any:
+def tiny_diffusion_config(
+    vocab_size: int = 1024,
+    canvas_length: int = 32,
+    *,
+    pad_token_id: int = 0,
+    eos_token_id: int | list[int] = 1,
+    bos_token_id: int = 2,
+) -> Any:
     """The CPU-sized config from the field notes: 2 layers (sliding 16 + full), 4 experts."""
     from transformers import DiffusionGemmaConfig
 
     text = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-        num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=64,
-        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-        use_bidirectional_attention="vision", max_position_embeddings=4096,
-        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos_token_id,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=64,
+        num_global_key_value_heads=1,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=64,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention="vision",
+        max_position_embeddings=4096,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
     )
-    vision = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    vision = dict(
+        model_type="gemma4_vision",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length)
     config.architectures = ["DiffusionGemmaForBlockDiffusion"]
     return config
 
 
-def build_tiny_diffusion(vocab_size: int = 1024, canvas_length: int = 32, *, eos_token_ids: list[int] | None = None,
-                         pad_token_id: int = 0, bos_token_id: int = 2, usable_vocab: int | None = None,
-                         weight_std: float = 0.5, seed: int = 0) -> torch.nn.Module:
+def build_tiny_diffusion(
+    vocab_size: int = 1024,
+    canvas_length: int = 32,
+    *,
+    eos_token_ids: list[int] | None = None,
+    pad_token_id: int = 0,
+    bos_token_id: int = 2,
+    usable_vocab: int | None = None,
+    weight_std: float = 0.5,
+    seed: int = 0,
+) -> torch.nn.Module:
     """A random `DiffusionGemmaForBlockDiffusion` with the released sampler defaults.
 
     Weights are drawn with std `weight_std` instead of the default 0.02: the default gives
@@ -54,8 +88,9 @@ def build_tiny_diffusion(vocab_size: int = 1024, canvas_length: int = 32, *, eos
     from transformers import DiffusionGemmaForBlockDiffusion, DiffusionGemmaGenerationConfig, EntropyBoundSamplerConfig
 
     eos_token_ids = list(eos_token_ids or [1])
-    config = tiny_diffusion_config(vocab_size, canvas_length, pad_token_id=pad_token_id,
-                                   eos_token_id=eos_token_ids, bos_token_id=bos_token_id)
+    config = tiny_diffusion_config(
+        vocab_size, canvas_length, pad_token_id=pad_token_id, eos_token_id=eos_token_ids, bos_token_id=bos_token_id
+    )
     # Encoder, decoder and LM head share weights: build_seeded redraws each tied tensor once.
     model = build_seeded(lambda: DiffusionGemmaForBlockDiffusion(config), seed, weight_std=weight_std)
     with torch.no_grad():
@@ -90,5 +125,6 @@ def load_tiny_diffusion(dtype: torch.dtype, device: torch.device) -> LoadedModel
         bos_token_id=tokenizer.bos_token_id,
         usable_vocab=len(tokenizer),
     ).to(device=device, dtype=dtype)
-    return LoadedModel.of(model, tokenizer, "diffusion", source=TINY_DIFFUSION, device=device, dtype=dtype,
-                          eos_token_ids=eos_ids)
+    return LoadedModel.of(
+        model, tokenizer, "diffusion", source=TINY_DIFFUSION, device=device, dtype=dtype, eos_token_ids=eos_ids
+    )
