@@ -18,36 +18,47 @@ _TOKENS_PER_FORWARD_BUCKETS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0,
 _STEPS_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
+# attribute: (metric name, help, buckets)
+_HISTOGRAMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    "ttft": ("dgserve_time_to_first_token_seconds", "Time from arrival to the first token.", _LATENCY_BUCKETS),
+    "itl": (
+        "dgserve_inter_token_latency_seconds",
+        "Time between streamed token deliveries, per token.",
+        _LATENCY_BUCKETS,
+    ),
+    "e2e": ("dgserve_e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY_BUCKETS),
+    "queue_time": (
+        "dgserve_request_queue_time_seconds",
+        "Time a request waited before the model thread admitted it.",
+        _LATENCY_BUCKETS,
+    ),
+    "tokens_per_forward": (
+        "dgserve_tokens_per_forward",
+        "Tokens committed per forward pass, per finished request.",
+        _TOKENS_PER_FORWARD_BUCKETS,
+    ),
+    "denoising_steps": (
+        "dgserve_denoising_steps_per_block",
+        "Denoising steps a committed block took (block diffusion).",
+        _STEPS_BUCKETS,
+    ),
+}
+
+
 class Metrics:
+    # The histograms, declared for type checkers; __init__ builds them from _HISTOGRAMS.
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    queue_time: Histogram
+    tokens_per_forward: Histogram
+    denoising_steps: Histogram
+
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        self.ttft = self._histogram(
-            "dgserve_time_to_first_token_seconds", "Time from arrival to the first token.", _LATENCY_BUCKETS
-        )
-        self.itl = self._histogram(
-            "dgserve_inter_token_latency_seconds",
-            "Time between streamed token deliveries, per token.",
-            _LATENCY_BUCKETS,
-        )
-        self.e2e = self._histogram(
-            "dgserve_e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY_BUCKETS
-        )
-        self.queue_time = self._histogram(
-            "dgserve_request_queue_time_seconds",
-            "Time a request waited before the model thread admitted it.",
-            _LATENCY_BUCKETS,
-        )
-        self.tokens_per_forward = self._histogram(
-            "dgserve_tokens_per_forward",
-            "Tokens committed per forward pass, per finished request.",
-            _TOKENS_PER_FORWARD_BUCKETS,
-        )
-        self.denoising_steps = self._histogram(
-            "dgserve_denoising_steps_per_block",
-            "Denoising steps a committed block took (block diffusion).",
-            _STEPS_BUCKETS,
-        )
+        for attribute, (name, documentation, buckets) in _HISTOGRAMS.items():
+            setattr(self, attribute, self._histogram(name, documentation, buckets))
         self.prompt_tokens = self._counter("dgserve_prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = self._counter("dgserve_generation_tokens", "Completion tokens served.")
         self.forward_passes = self._counter("dgserve_forward_passes", "Model forward passes per sequence.")

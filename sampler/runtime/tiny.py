@@ -8,7 +8,7 @@ Everything is seeded, so a tiny model is the same in every process.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,6 +54,20 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
+# The decoder shape both tiny models share: 2 layers, one sliding-window (16) and one full.
+TINY_DECODER_SHAPE: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    sliding_window=16,
+    layer_types=["sliding_attention", "full_attention"],
+    max_position_embeddings=4096,
+)
+
+
 def build_tiny_gemma3(
     vocab_size: int, *, eos_token_id: int, pad_token_id: int, bos_token_id: int, seed: int = 0
 ) -> torch.nn.Module:
@@ -68,15 +82,7 @@ def build_tiny_gemma3(
 
     config = Gemma3TextConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=4096,
+        **TINY_DECODER_SHAPE,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,

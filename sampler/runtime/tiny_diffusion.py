@@ -14,7 +14,7 @@ import torch
 
 from sampler.diffusion_settings import RELEASED_DEFAULTS
 from sampler.runtime.model import TINY_DIFFUSION, LoadedModel
-from sampler.runtime.tiny import build_seeded
+from sampler.runtime.tiny import TINY_DECODER_SHAPE, build_seeded
 
 
 def tiny_diffusion_config(
@@ -30,21 +30,13 @@ def tiny_diffusion_config(
 
     text = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
+        **TINY_DECODER_SHAPE,
         global_head_dim=64,
         num_global_key_value_heads=1,
         num_experts=4,
         top_k_experts=2,
         moe_intermediate_size=64,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
         use_bidirectional_attention="vision",
-        max_position_embeddings=4096,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         bos_token_id=bos_token_id,
