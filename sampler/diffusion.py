@@ -124,14 +124,8 @@ class DiffusionSampler:
         self._views: dict[tuple[tuple[str, int], ...], StackedCache] = {}
         self._last_self_cond: dict[tuple[str, ...], torch.Tensor] = {}
         # Seconds per phase and counts, for the benchmark and metrics.
-        self.stats: dict[str, float] = {
-            "encoder_s": 0.0,
-            "decoder_s": 0.0,
-            "sampling_s": 0.0,
-            "encoder_passes": 0,
-            "decoder_passes": 0,
-            "row_steps": 0,
-        }
+        self.stats: dict[str, float] = dict.fromkeys(("encoder_s", "decoder_s", "sampling_s"), 0.0)
+        self.stats.update(dict.fromkeys(("encoder_passes", "decoder_passes", "row_steps"), 0))
 
     # ----------------------------------------------------------------- BatchSampler API
     @property
