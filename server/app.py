@@ -11,7 +11,7 @@ from server.config import ServerConfig
 from server.error_responses import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import LimitsAndAuth
-from server.routes import completions, models, probes
+from server.routes import completions, models, playground, probes
 from server.startup import lifespan
 from server.state import ServerState
 
@@ -34,4 +34,6 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
     install_error_handlers(app)
     for group in (probes, models, completions):
         app.include_router(group.router)
+    if config.playground:
+        app.include_router(playground.router)
     return app

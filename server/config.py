@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,12 +29,14 @@ class ServerConfig(BaseModel):
     model: str = "gemma3-270m"
     # The id clients send in `model`; defaults to `model`.
     served_model_name: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # `auto`: bfloat16 on CPUs with hardware bfloat16 (AMX, AVX512-BF16), float32 elsewhere
+    # (sampler/runtime/loading.choose_dtype; the choice and its reason are logged at start-up).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "auto"
-    # CPU matrix-product kernels (sampler/runtime/cpu_linear.py): `auto` uses oneDNN where it measured
-    # faster and runs bfloat16 products of 4+ rows in float32 on CPUs without native bfloat16;
-    # `native` keeps torch's stock kernels.
-    cpu_gemm: Literal["auto", "native"] = "auto"
+    # CPU matrix-product kernels (sampler/runtime/cpu_linear.py): `auto` times the kernels the CPU's
+    # flags allow per weight shape at start-up and keeps the fastest per row count; `flags` takes
+    # the flags' pick without measuring; `native` keeps torch's stock kernels.
+    cpu_gemm: Literal["auto", "flags", "native"] = "auto"
     sampler: SamplerName = "ar"
     # A request that names no sampler and is admitted while other sequences run goes to this
     # sampler instead: parallel refinement spends one forward per sequence per step, AR one
@@ -45,6 +48,8 @@ class ServerConfig(BaseModel):
     api_key: str | None = None
     cors_origins: list[str] = ["*"]
     log_level: str = "info"
+    # The browser playground at / and /playground (docs/playground.md); off in production.
+    playground: bool = True
 
     # Engine limits.
     max_num_seqs: int = Field(8, ge=1)
@@ -76,13 +81,27 @@ class ServerConfig(BaseModel):
         return self.served_model_name or self.model
 
 
+def _free_text(annotation: Any) -> bool:
+    """True for `str` and `str | None` fields: their environment value is the text as written."""
+    return annotation is str or (
+        get_origin(annotation) in (Union, UnionType) and set(get_args(annotation)) == {str, type(None)}
+    )
+
+
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ServerConfig.model_fields:
+    for key, info in ServerConfig.model_fields.items():
         raw = environ.get(f"DGSERVE_{key.upper()}")
-        if raw is not None:
+        if raw is None:
+            continue
+        if not raw.strip():
+            out[key] = None
+        elif _free_text(info.annotation):
+            # An API key "null", "~", "123456" or "0123", a model name "1.0": text, never YAML.
+            out[key] = raw
+        else:
             # Strings like "null", "8", "true" or '{"block_size": 8}' get their YAML meaning.
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            out[key] = yaml.safe_load(raw)
     return out
 
 

@@ -1,4 +1,5 @@
-"""ASGI middleware in front of every route: request-body size limit (413) and API key on /v1/* (401)."""
+"""ASGI middleware in front of every route: request-body size limit (413), API key on /v1/* (401) and
+the playground page's Content-Security-Policy (docs/playground.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,33 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# The playground's scripts and styles come only from this server, as files: no inline script or
+# style, no eval, nothing from another origin (the page works offline), no framing, no forms
+# posting elsewhere. Model output is inserted as text (playground.js); this is the second line.
+PLAYGROUND_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_PLAYGROUND_HEADERS = [
+    (b"content-security-policy", PLAYGROUND_CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+def _is_playground(path: str) -> bool:
+    return path == "/" or path == "/playground" or path.startswith("/playground/")
+
+
+def _with_playground_headers(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *_PLAYGROUND_HEADERS]}
+        await send(message)
+
+    return wrapped
+
+
 class LimitsAndAuth:
     """Pure ASGI rather than BaseHTTPMiddleware so streaming responses and disconnects pass
     through untouched."""
@@ -30,6 +58,8 @@ class LimitsAndAuth:
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if _is_playground(scope["path"]):
+            send = _with_playground_headers(send)
         cfg = self.state.config
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if cfg.api_key and scope["path"].startswith("/v1/") and scope.get("method") != "OPTIONS":
