@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,14 +28,12 @@ class ServerConfig(BaseModel):
     model: str = "gemma3-270m"
     # The id clients send in `model`; defaults to `model`.
     served_model_name: str | None = None
-    # `auto`: bfloat16 on CPUs with hardware bfloat16 (AMX, AVX512-BF16), float32 elsewhere
-    # (sampler/runtime/loading.choose_dtype; the choice and its reason are logged at start-up).
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
-    # CPU matrix-product kernels (sampler/runtime/cpu_linear.py): `auto` times the kernels the CPU's
-    # flags allow per weight shape at start-up and keeps the fastest per row count; `flags` takes
-    # the flags' pick without measuring; `native` keeps torch's stock kernels.
-    cpu_gemm: Literal["auto", "flags", "native"] = "auto"
+    # CPU matrix-product kernels (sampler/runtime/cpu_linear.py): `auto` uses oneDNN where it measured
+    # faster and runs bfloat16 products of 4+ rows in float32 on CPUs without native bfloat16;
+    # `native` keeps torch's stock kernels.
+    cpu_gemm: Literal["auto", "native"] = "auto"
     sampler: SamplerName = "ar"
     # A request that names no sampler and is admitted while other sequences run goes to this
     # sampler instead: parallel refinement spends one forward per sequence per step, AR one
@@ -81,27 +78,13 @@ class ServerConfig(BaseModel):
         return self.served_model_name or self.model
 
 
-def _free_text(annotation: Any) -> bool:
-    """True for `str` and `str | None` fields: their environment value is the text as written."""
-    return annotation is str or (
-        get_origin(annotation) in (Union, UnionType) and set(get_args(annotation)) == {str, type(None)}
-    )
-
-
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, info in ServerConfig.model_fields.items():
+    for key in ServerConfig.model_fields:
         raw = environ.get(f"DGSERVE_{key.upper()}")
-        if raw is None:
-            continue
-        if not raw.strip():
-            out[key] = None
-        elif _free_text(info.annotation):
-            # An API key "null", "~", "123456" or "0123", a model name "1.0": text, never YAML.
-            out[key] = raw
-        else:
+        if raw is not None:
             # Strings like "null", "8", "true" or '{"block_size": 8}' get their YAML meaning.
-            out[key] = yaml.safe_load(raw)
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
     return out
 
 
