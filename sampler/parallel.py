@@ -18,9 +18,10 @@ import torch
 from transformers import DynamicCache
 
 from sampler.ngram_pool import NgramPool
-from sampler.parallel_draws import Draws, Shortlist
-from sampler.parallel_tree import GuessTree, attention_masks, forward_rows, guess_tree
-from sampler.runtime.kv_compaction import keep_new_rows
+from sampler.parallel_draws import Draws, Shortlist, ensure_together
+from sampler.parallel_tree import GuessTree, attention_masks, batch_masks, forward_rows, guess_tree
+from sampler.runtime.kv_compaction import TreeBatchCache, append_kept_rows, keep_new_rows
+from sampler.runtime.stacked_cache import stack_caches
 from sampler.sequence import check_prompt, commit_token, resolve_seed
 from sampler.types import SamplingParams, StepEvent
 
@@ -45,8 +46,22 @@ class _Sequence:
     lean_run: int = 0  # consecutive lean forwards (see ParallelSampler._build_tree)
 
 
+@dataclass
+class _Plan:
+    """One sequence's part of a step: its tree over the pending tokens, before the forward."""
+
+    seq: _Sequence
+    tree: GuessTree
+    draft_nodes: list[int]
+    num_pending: int  # committed tokens not in the cache yet (>= 1); they head the forward's rows
+
+    def kept_rows(self, path: list[int]) -> list[int]:
+        """The forward's new rows whose KV stays: every pending token, then the walked path."""
+        return list(range(self.num_pending)) + [self.num_pending + n for n in path]
+
+
 class ParallelSampler:
-    """Lookahead-style parallel refinement; one forward per sequence per step.
+    """Lookahead-style parallel refinement; one batched forward per step for all running sequences.
 
     Constructor keywords are the config's `parallel:` mapping:
       block_size      Jacobi draft positions refined per forward; the unit `steps` counts in
@@ -60,6 +75,8 @@ class ParallelSampler:
       lean_below      exact mode: below this many verified guesses per forward (moving average)
                       send only strong context matches (0: never)
       probe_every     while lean, every probe_every-th forward is a full one
+      batched         one forward per step carries every running sequence's tree (False: one
+                      forward per sequence, the reference the batched path is tested against)
     """
 
     name = "parallel"
@@ -79,6 +96,7 @@ class ParallelSampler:
         shortlist_size: int = 4096,
         lean_below: float = 1.0,
         probe_every: int = 8,
+        batched: bool = True,
     ) -> None:
         if block_size < 1 or candidate_len < 1 or max_candidates < 0 or key_len < 1 or shortlist_size < 0:
             raise ValueError("block_size, candidate_len, key_len must be >= 1; max_candidates, shortlist_size >= 0")
@@ -92,6 +110,7 @@ class ParallelSampler:
         self.key_len = key_len
         self.trajectory_per_key = trajectory_per_key
         self.steps = steps
+        self.batched = batched
         # Rows past ~16 cost a forward more and more (the body's GEMMs stop being weight-bound).
         self.max_tree_nodes = max(max_tree_nodes, block_size)
         if probe_every < 1:
@@ -104,7 +123,9 @@ class ParallelSampler:
         lm: Any = model  # a transformers causal LM: config, decoder and head are not nn.Module API
         config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self._config = config
-        self._layer_types = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]))
+        # Per decoder layer (what stacking walks), and the distinct kinds (what masks are per).
+        self._layer_kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+        self._layer_types = sorted(set(self._layer_kinds))
         unknown = set(self._layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
             raise ValueError(f"parallel sampler cannot mask layer types {sorted(unknown)}")
@@ -157,26 +178,60 @@ class ParallelSampler:
         self._seqs.pop(seq_id, None)
 
     def step(self) -> dict[str, StepEvent]:
+        """One forward per sequence taking part: sequences with a cache share one batched forward
+        (when `batched`); a newcomer's first forward (its prompt plus a tree) runs alone."""
         events: dict[str, StepEvent] = {}
+        if self.batched:
+            running = {seq_id: seq for seq_id, seq in self._seqs.items() if seq.cache is not None}
+            if running:
+                events.update(self._step_batch(running))
         for seq_id, seq in list(self._seqs.items()):
-            event = self._step_one(seq)
-            events[seq_id] = event
+            if seq_id not in events:
+                events[seq_id] = self._step_one(seq)
+        for seq_id, event in events.items():
             if event.finish_reason is not None:
                 del self._seqs[seq_id]
         return events
 
-    # -- one sequence, one forward: build the tree, forward, verify, advance ---------------------
+    # -- one step: build the trees, forward, verify, advance -------------------------------------
 
     @torch.inference_mode()
     def _step_one(self, seq: _Sequence) -> StepEvent:
-        root_pos = len(seq.pool.tokens) - 1  # the last committed token's position
-        num_pending = len(seq.pool.tokens) - seq.cache_len  # >= 1
+        """A forward of this sequence alone (its KV cache grows in place)."""
+        plan = self._plan(seq)
+        draws = self._draws(plan, self._forward(seq, plan.tree))
+        draws.ensure(self._first_rows(plan, draws))
+        path = self._walk(plan.tree, draws)
+        keep_new_rows(seq.cache, plan.num_pending + len(plan.tree), plan.kept_rows(path))
+        return self._advance(plan, draws, path)
+
+    @torch.inference_mode()
+    def _step_batch(self, running: dict[str, _Sequence]) -> dict[str, StepEvent]:
+        """ONE forward over every running sequence's pending tokens and tree, then one head call
+        for the rows each walk is predicted to need; each sequence keeps its own accepted KV."""
+        plans = [self._plan(seq) for seq in running.values()]
+        hiddens, cache = self._forward_batch(plans)
+        all_draws = [self._draws(plan, hidden) for plan, hidden in zip(plans, hiddens, strict=True)]
+        ensure_together([(draws, self._first_rows(plan, draws)) for plan, draws in zip(plans, all_draws, strict=True)])
+        events: dict[str, StepEvent] = {}
+        for row, (seq_id, plan, draws) in enumerate(zip(running, plans, all_draws, strict=True)):
+            path = self._walk(plan.tree, draws)
+            append_kept_rows(plan.seq.cache, cache, row, plan.kept_rows(path))
+            events[seq_id] = self._advance(plan, draws, path)
+        return events
+
+    def _plan(self, seq: _Sequence) -> _Plan:
         # Committing d tree tokens plus one drawn token must not pass max_tokens.
         tree, draft_nodes = self._build_tree(seq, seq.params.max_tokens - len(seq.generated) - 1)
-        hidden = self._forward(seq, tree)
-        draws = Draws(
+        return _Plan(seq, tree, draft_nodes, len(seq.pool.tokens) - seq.cache_len)
+
+    def _draws(self, plan: _Plan, hidden: torch.Tensor) -> Draws:
+        """The draws of one sequence's rows; `hidden` (1 + len(tree), d): root, then the nodes."""
+        seq = plan.seq
+        root_pos = len(seq.pool.tokens) - 1  # the last committed token's position
+        return Draws(
             hidden,
-            [root_pos + 1] + [root_pos + d + 1 for d in tree.depths],
+            [root_pos + 1] + [root_pos + d + 1 for d in plan.tree.depths],
             head=self._head,
             cap=self._softcap,
             vocab_size=self._vocab,
@@ -184,8 +239,6 @@ class ParallelSampler:
             seed=seq.seed,
             shortlist=seq.shortlist,
         )
-        path = self._verify(seq, tree, draft_nodes, draws)
-        return self._advance(seq, tree, draft_nodes, draws, path, num_pending)
 
     def _build_tree(self, seq: _Sequence, depth_cap: int) -> tuple[GuessTree, list[int]]:
         """The tree to verify (at most `depth_cap` deep) and the nodes of its draft part.
@@ -235,19 +288,51 @@ class ParallelSampler:
         ).last_hidden_state[0]  # (Q, d)
         return hidden[len(pending) - 1 :]
 
-    def _verify(self, seq: _Sequence, tree: GuessTree, draft_nodes: list[int], draws: Draws) -> list[int]:
-        """Walk the tree from the root along exactly drawn tokens; return the walked nodes.
+    def _forward_batch(self, plans: list[_Plan]) -> tuple[list[torch.Tensor], TreeBatchCache]:
+        """One forward over every plan's pending tokens and tree nodes: row b holds sequence b's
+        Q_b rows, padded to the longest Q; the caches are stacked left-padded and read only.
+        Returns each sequence's draw rows' hidden states (1 + len(tree_b), d) and the forward's
+        cache, which holds the new KV rows for `append_kept_rows`."""
+        seqs = [plan.seq for plan in plans]
+        rows = [seq.pool.tokens[seq.cache_len :] + plan.tree.tokens for seq, plan in zip(seqs, plans, strict=True)]
+        q_max = max(len(r) for r in rows)
+        positions, masks = [], []
+        for seq, plan in zip(seqs, plans, strict=True):
+            pos, allowed = forward_rows(seq.cache_len, plan.num_pending, plan.tree)
+            masks.append(attention_masks(self._layer_types, self._window, seq.cache_len, pos, allowed))
+            # Padding rows sit at the last real position: any valid position does, none is read.
+            positions.append(torch.cat([pos, pos[-1:].expand(q_max - len(pos))]))
+        stacked = stack_caches([seq.cache for seq in seqs], self._layer_kinds, q_max, self.device)
+        past = [(layer.keys, layer.values) for layer in stacked.view.layers]  # (B, H, P_l, D)
+        past_len = {kind: past[self._layer_kinds.index(kind)][0].shape[-2] for kind in self._layer_types}
+        cache = TreeBatchCache(past)
+        hidden = self._body(
+            input_ids=torch.tensor([r + [0] * (q_max - len(r)) for r in rows], device=self.device),
+            position_ids=torch.stack(positions).to(self.device),
+            attention_mask={kind: m.to(self.device) for kind, m in batch_masks(masks, past_len, q_max).items()},
+            use_cache=True,
+            **{self._cache_kw: cache},
+        ).last_hidden_state  # (B, q_max, d)
+        hiddens = [
+            hidden[b, plan.num_pending - 1 : len(r)] for b, (plan, r) in enumerate(zip(plans, rows, strict=True))
+        ]
+        return hiddens, cache
 
-        Full logits go to the path the guesses predict, and again from wherever the exact walk
-        leaves that prediction; without a shortlist, to every row at once.
-        """
+    def _first_rows(self, plan: _Plan, draws: Draws) -> list[int]:
+        """The rows that get full logits first: the path the guesses predict (without a
+        shortlist, every row); `_walk` asks for more wherever the exact walk leaves it."""
+        seq, tree = plan.seq, plan.tree
         first = draws.guessed_path(tree, 0) if seq.shortlist is not None else list(range(1 + len(tree)))
         if seq.steps is not None and seq.block_forwards + 1 >= seq.steps:
             # This forward is the block's last: whatever is not verified gets committed from the
             # draft, so those rows need full logits too; one head call for all is cheaper.
             root_pos = len(seq.pool.tokens) - 1
-            first += [1 + n for n in draft_nodes if root_pos + tree.depths[n] < seq.block_end]
-        draws.ensure(first)
+            first += [1 + n for n in plan.draft_nodes if root_pos + tree.depths[n] < seq.block_end]
+        return first
+
+    @staticmethod
+    def _walk(tree: GuessTree, draws: Draws) -> list[int]:
+        """Walk the tree from the root along exactly drawn tokens; return the walked nodes."""
         path: list[int] = []
         row = 0
         while (node := tree.kids_of_row(row).get(draws.exact[row])) is not None:
@@ -257,11 +342,10 @@ class ParallelSampler:
                 draws.ensure(draws.guessed_path(tree, row))
         return path
 
-    def _advance(
-        self, seq: _Sequence, tree: GuessTree, draft_nodes: list[int], draws: Draws, path: list[int], num_pending: int
-    ) -> StepEvent:
-        """Commit the walked `path` plus the token drawn at its end, keep only their KV rows,
-        refresh the draft and, when `steps` runs out, commit the rest of the block from it."""
+    def _advance(self, plan: _Plan, draws: Draws, path: list[int]) -> StepEvent:
+        """Commit the walked `path` plus the token drawn at its end (the caller kept their KV
+        rows), refresh the draft and, when `steps` runs out, commit the rest of the block from it."""
+        seq, tree, draft_nodes = plan.seq, plan.tree, plan.draft_nodes
         root_pos = len(seq.pool.tokens) - 1  # nothing is committed yet in this step
         accepted = [tree.tokens[n] for n in path] + [draws.exact[1 + path[-1] if path else 0]]
         if len(tree):
@@ -273,9 +357,7 @@ class ParallelSampler:
             # The forced positions are committed from the draft: give them full logits.
             draws.ensure([1 + n for n in draft_nodes[len(path) : len(path) + seq.block_end - last]])
 
-        # Keep the KV rows of pending tokens and the walked path; drop every other new row.
-        keep_new_rows(seq.cache, num_pending + len(tree), list(range(num_pending)) + [num_pending + n for n in path])
-        seq.cache_len += num_pending + len(path)
+        seq.cache_len += plan.num_pending + len(path)  # the pending tokens and the walked path
 
         # Refresh the Jacobi draft: the model's choice after each draft node, shifted past what
         # was just accepted. draft_preds[i] is the guess for position root_pos + 2 + i.

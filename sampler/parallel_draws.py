@@ -98,13 +98,19 @@ class Draws:
     def best(self, row: int) -> int:
         return self.exact.get(row, self.guess[row])
 
+    def missing(self, rows: list[int]) -> list[int]:
+        """`rows` without repeats and without those already drawn exactly."""
+        return [r for r in dict.fromkeys(rows) if r not in self.exact]
+
     def ensure(self, rows: list[int]) -> None:
         """Full logits for `rows` (one head call), drawn with AR's arithmetic (`draw_tokens`)."""
-        rows = [r for r in dict.fromkeys(rows) if r not in self.exact]
-        if not rows:
-            return
+        rows = self.missing(rows)
+        if rows:
+            self.take(rows, softcap(self.head(self.hidden[rows]), self.cap))
+
+    def take(self, rows: list[int], logits: torch.Tensor) -> None:
+        """Draw `rows` (new, distinct) from their soft-capped full `logits` (k, V)."""
         p = self.params
-        logits = softcap(self.head(self.hidden[rows]), self.cap)  # (k, V)
         noise = None if p.greedy else self._noise_rows([self.positions[r] for r in rows])
         tokens = draw_tokens(logits, noise, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p).tolist()
         self.exact.update(zip(rows, tokens, strict=True))
@@ -118,3 +124,22 @@ class Draws:
             row = 1 + node
             rows.append(row)
         return rows
+
+
+def ensure_together(requests: list[tuple[Draws, list[int]]]) -> None:
+    """`Draws.ensure` for several sequences' draws with ONE head call over all their rows: the
+    head's weight streams once per batched step instead of once per sequence. Every `Draws`
+    must share the head and cap (one model). Each still draws with its own parameters and
+    noise, so the tokens are the ones a separate `ensure` would draw."""
+    todo = [(draws, draws.missing(rows)) for draws, rows in requests]
+    todo = [(draws, rows) for draws, rows in todo if rows]
+    if len(todo) <= 1:
+        for draws, rows in todo:
+            draws.ensure(rows)
+        return
+    first = todo[0][0]
+    logits = softcap(first.head(torch.cat([draws.hidden[rows] for draws, rows in todo])), first.cap)  # (sum k, V)
+    start = 0
+    for draws, rows in todo:
+        draws.take(rows, logits[start : start + len(rows)])
+        start += len(rows)

@@ -116,3 +116,26 @@ def attention_masks(
         full = torch.cat([torch.ones(q, kept, dtype=torch.bool), allowed], dim=1)
         masks["sliding_attention"] = (full & in_window)[None, None]
     return masks
+
+
+def batch_masks(per_seq: list[dict[str, torch.Tensor]], past: dict[str, int], q_max: int) -> dict[str, torch.Tensor]:
+    """Several sequences' masks (from `attention_masks`) as one boolean (B, 1, q_max, P + q_max)
+    mask per layer type, for a forward over their left-padded stacked caches.
+
+    Sequence b's mask (1, 1, Q_b, P_b + Q_b) sees its own P_b cached keys, which stacking put
+    last of the P = `past[kind]` columns, and its own Q_b new rows, the first of the q_max new
+    columns. The padding rows Q_b..q_max see only themselves: a row that sees nothing can give
+    NaN in some attention kernels, and a NaN value poisons even the rows that mask it out.
+    """
+    out: dict[str, torch.Tensor] = {}
+    pad_diag = torch.eye(q_max, dtype=torch.bool)
+    for kind, p in past.items():
+        mask = torch.zeros(len(per_seq), 1, q_max, p + q_max, dtype=torch.bool)
+        for b, masks in enumerate(per_seq):
+            own = masks[kind][0, 0]  # (Q_b, P_b + Q_b)
+            q = own.shape[0]
+            p_b = own.shape[1] - q
+            mask[b, 0, :q, p - p_b : p + q] = own
+            mask[b, 0, q:, p:] = pad_diag[q:]
+        out[kind] = mask
+    return out

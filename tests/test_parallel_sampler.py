@@ -301,3 +301,52 @@ def test_shortlist_ring_keeps_rows_in_step():
     for token, slot in shortlist.slot.items():
         assert int(shortlist.ids[slot]) == token
         torch.testing.assert_close(shortlist.weight[slot], head[token])
+
+
+def test_batched_equals_unbatched_with_ragged_joins_and_finishes(tiny_loaded, monkeypatch):
+    """One batched forward per step gives every sequence the tokens and forward count its own
+    forwards give: ragged prompts (some past the sliding window), ragged trees, pending runs
+    after forced commits (`steps`), greedy and seeded sampling, joins, finishes and a cancel
+    at different steps."""
+    model, device = tiny_loaded.model, tiny_loaded.device
+    rng = random.Random(5)
+    lengths = [3, 40, 9, 25, 1, 17, 60]
+    requests = {}
+    for i, n in enumerate(lengths):
+        base = [rng.randrange(6, model.config.vocab_size) for _ in range(max(1, n // 2))]
+        prompt = (base * 2)[:n] if i % 2 else [rng.randrange(6, model.config.vocab_size) for _ in range(n)]
+        params = SamplingParams(
+            max_tokens=12 + 7 * i,
+            temperature=0.0 if i % 3 else 0.8,
+            top_k=0 if i % 3 else 30,
+            seed=100 + i,
+            parallel=ParallelOptions(steps=2 if i == 5 else None),
+        )
+        requests[f"s{i}"] = (prompt, params)
+    join_at = {"s2": 3, "s3": 3, "s4": 7, "s5": 12, "s6": 15}
+    cancel_at = {"s1": 20}
+
+    batch_sizes: list[int] = []
+    forward_batch = ParallelSampler._forward_batch
+
+    def spy(self, plans):
+        batch_sizes.append(len(plans))
+        return forward_batch(self, plans)
+
+    monkeypatch.setattr(ParallelSampler, "_forward_batch", spy)
+    done = {}
+    for batched in (False, True):
+        sampler = ParallelSampler(model, device, block_size=4, shortlist_size=64, batched=batched)
+        done[batched] = run_to_completion(sampler, requests, join_at=join_at, cancel_at=cancel_at)
+    assert done[True].tokens == done[False].tokens
+    assert done[True].forward_passes == done[False].forward_passes
+    assert done[True].finish_reasons == done[False].finish_reasons
+    assert done[True].steps == done[False].steps
+    assert max(batch_sizes) >= 4, batch_sizes  # the batched run really shared its forwards
+    assert len(set(batch_sizes)) >= 3  # sequences joined and left while others ran
+    # Greedy, uncancelled sequences still equal AR token for token.
+    for seq_id in ("s2", "s4", "s5"):
+        prompt, params = requests[seq_id]
+        if params.greedy and params.parallel.steps is None:
+            assert done[True].tokens[seq_id] == run(ARSampler(model, device), prompt, params)[0]
+    assert sum(len(t) for t in done[True].tokens.values()) > sum(done[True].forward_passes.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sampler.parallel_tree import attention_masks, forward_rows, guess_tree
+from sampler.parallel_tree import attention_masks, batch_masks, forward_rows, guess_tree
 
 
 def test_guess_tree_shares_prefixes_and_respects_the_budget():
@@ -54,3 +54,19 @@ def test_sliding_mask_keeps_the_window_and_the_ancestry():
         [0, 0, 1, 1, 1, 1],  # position 8 sees 5..8
     ]
     assert masks["sliding_attention"].dtype == torch.bool
+
+
+def test_batch_masks_left_align_the_past_and_pad_rows_see_themselves():
+    # Sequence 0: 3 cached keys, one pending row and one node (Q = 2). Sequence 1: 1 cached key, Q = 3.
+    one, _ = guess_tree([4], 1, [], max_nodes=4, last_token=1)
+    two, _ = guess_tree([4, 5], 2, [], max_nodes=4, last_token=1)
+    own = []
+    for cache_len, tree in ((3, one), (1, two)):
+        positions, allowed = forward_rows(cache_len, 1, tree)
+        own.append(attention_masks(["full_attention"], 0, cache_len, positions, allowed))
+    mask = batch_masks(own, {"full_attention": 3}, q_max=3)["full_attention"]
+    assert mask.shape == (2, 1, 3, 6)
+    # Sequence 0: its 3 cached keys fill the past; its 2 rows are causal; row 2 is padding.
+    assert mask[0, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    # Sequence 1: two padding columns on the left, then its one cached key.
+    assert mask[1, 0].int().tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]

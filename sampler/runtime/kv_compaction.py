@@ -30,3 +30,45 @@ def keep_new_rows(cache: Any, num_new: int, keep: list[int]) -> None:
             layer.keys[:, :, base : base + n] = layer.keys.index_select(2, idx)
             layer.values[:, :, base : base + n] = layer.values.index_select(2, idx)
     cache.crop(n - num_new)
+
+
+class TreeBatchCache:
+    """The KV cache of one batched verification forward: reads the sequences' stacked past,
+    records the new rows, writes nothing back by itself.
+
+    `past[l]` is layer l's left-padded (B, H, P_l, D) keys and values (sampler/runtime/
+    stacked_cache.py); `update` (the one method a Gemma attention layer calls) returns the past
+    with the forward's (B, H, Q, D) rows appended and keeps those rows in `new[l]`, so that
+    `append_kept_rows` can give each sequence its accepted ones afterwards.
+    """
+
+    is_compileable = False
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.past = past
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.new[layer_idx] = (keys, values)
+        past_keys, past_values = self.past[layer_idx]
+        return torch.cat([past_keys, keys], dim=-2), torch.cat([past_values, values], dim=-2)
+
+
+def append_kept_rows(cache: Any, batch: TreeBatchCache, row: int, keep: list[int]) -> None:
+    """Append rows `keep` (ascending) of batch row `row`'s new KV rows to the batch-1 DynamicCache
+    `cache`, leaving it exactly as `keep_new_rows` after an own forward would: full layers
+    grow by len(keep); sliding layers keep their last `window - 1` rows and count every
+    token in `cumulative_length`."""
+    for layer_idx, layer in enumerate(cache.layers):
+        if layer_idx not in batch.new:
+            continue
+        keys, values = batch.new[layer_idx]  # (B, H, Q, D)
+        idx = torch.tensor(keep, device=keys.device)
+        layer.keys = torch.cat([layer.keys, keys[row : row + 1].index_select(2, idx)], dim=-2)
+        layer.values = torch.cat([layer.values, values[row : row + 1].index_select(2, idx)], dim=-2)
+        if getattr(layer, "is_sliding", False):
+            layer.keys = layer.keys[:, :, -layer.sliding_window + 1 :]
+            layer.values = layer.values[:, :, -layer.sliding_window + 1 :]
+            layer.cumulative_length += len(keep)
