@@ -1,19 +1,25 @@
 """The autoregressive baseline: prefill, then one token per forward for every sequence.
 
 Every speed claim of the other samplers is a ratio against this sampler on the same weights
-in the same run, so it is kept plain and fast: newcomers prefill alone (batch 1, last
-logits only), then all running sequences decode together in ONE batched forward per step
-over a shared left-padded KV cache (sampler/runtime/kv_batch.py).
+in the same run, so it is kept plain and fast: all running sequences decode together in ONE
+batched forward per step over a shared left-padded KV cache (sampler/runtime/kv_batch.py).
+Newcomers prefill after the step's decode within a token budget (`max_prefill_tokens`): the
+fresh prompts that fit prefill together in one left-padded forward, a longer prompt in chunks
+over several steps, so arrivals never stall the running sequences for long. Prompts that start
+like an earlier one resume from its KV (sampler/runtime/prefix_cache.py). Why, and the
+measurements behind the defaults: docs/load.md ("Prefill under load", "Prefix cache").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from sampler.logits import sample_tokens
 from sampler.runtime.kv_batch import KVBatch
+from sampler.runtime.prefix_cache import PrefixCache, PrefixCacheStats, cache_from_blocks, new_cache, row_block
 from sampler.sequence import check_prompt, commit_token, resolve_seed
 from sampler.types import SamplingParams, StepEvent
 
@@ -24,7 +30,12 @@ class _Sequence:
     params: SamplingParams
     seed: int
     generated: list[int] = field(default_factory=list)
-    prefilled: bool = False
+    # A prefill in progress: a batch-1 cache holding the first `filled` prompt tokens (resumed
+    # from the prefix cache, or the earlier chunks of a prompt longer than a step's budget).
+    cache: Any = None
+    filled: int = 0
+    forwards: int = 0  # prefill forwards so far, reported with the first token
+    joined: bool = False  # in the decode batch
 
     @property
     def next_position(self) -> int:
@@ -56,36 +67,62 @@ def sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
     return tokens
 
 
+# Prompt tokens prefilled per step and the prefix cache's budget; docs/load.md says why.
+DEFAULT_MAX_PREFILL_TOKENS = 512
+DEFAULT_PREFIX_CACHE_MB = 512.0
+
+
 class ARSampler:
     """One token per forward per sequence; all running sequences share each forward."""
 
     name = "ar"
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        *,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        prefix_block_size: int = 16,
+    ) -> None:
+        """`max_prefill_tokens`: prompt tokens (padding included) prefilled per step.
+        `prefix_cache_mb`: the prefix cache's budget, 0 = off; it needs a transformers model
+        (a config to build caches from), so scripted test models run without it."""
+        if max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
         self.model = model
         self.device = device
+        self.max_prefill_tokens = max_prefill_tokens
         self._seqs: dict[str, _Sequence] = {}
         self._batch = KVBatch()
+        self._config = getattr(model, "config", None)
+        usable = prefix_cache_mb > 0 and new_cache(self._config, record=True) is not None
+        budget = int(prefix_cache_mb * 2**20)
+        self.prefix_cache = PrefixCache(budget, prefix_block_size) if usable else None
 
     @property
     def num_active(self) -> int:
         return len(self._seqs)
 
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return None if self.prefix_cache is None else self.prefix_cache.stats
+
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt(prompt_ids)
-        self._seqs[seq_id] = _Sequence(list(prompt_ids), params, resolve_seed(params))
+        seq = _Sequence(list(prompt_ids), params, resolve_seed(params))
+        if self.prefix_cache is not None:
+            blocks = self.prefix_cache.lookup(seq.prompt_ids)
+            if blocks:
+                seq.cache = cache_from_blocks(self._config, blocks)
+                seq.filled = len(blocks) * self.prefix_cache.block_size
+        self._seqs[seq_id] = seq
 
     def cancel(self, seq_id: str) -> None:
-        if self._seqs.pop(seq_id, None) is not None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is not None and seq.joined:
             self._batch.remove({seq_id})
-
-    @torch.inference_mode()
-    def _prefill(self, seq_id: str, seq: _Sequence) -> torch.Tensor:
-        """Batch-1 forward over the prompt; the cache joins the batch. Returns logits (V,)."""
-        out = self.model(input_ids=torch.tensor([seq.prompt_ids], device=self.device), use_cache=True, logits_to_keep=1)
-        self._batch.join(seq_id, out.cache, len(seq.prompt_ids))
-        seq.prefilled = True
-        return out.logits[0, -1]
 
     @torch.inference_mode()
     def _decode(self) -> torch.Tensor:
@@ -106,24 +143,111 @@ class ARSampler:
         batch.advance(mask)
         return out.logits[:, -1]
 
+    def _plan_group(self, waiting: list[tuple[str, _Sequence]]) -> list[tuple[str, _Sequence]]:
+        """Fresh prompts (FIFO) that fit the budget whole, padding included: one forward."""
+        group: list[tuple[str, _Sequence]] = []
+        width = 0
+        for seq_id, seq in waiting:
+            n = len(seq.prompt_ids)
+            if seq.filled == 0 and (len(group) + 1) * max(width, n) <= self.max_prefill_tokens:
+                group.append((seq_id, seq))
+                width = max(width, n)
+        return group
+
+    def _prefill_some(self) -> dict[str, torch.Tensor]:
+        """Spend this step's prefill budget; the logits (V,) of each sequence whose prompt is now
+        complete (it joined the batch). Padding costs what tokens cost, so it counts."""
+        waiting = [(s, q) for s, q in self._seqs.items() if not q.joined]
+        if not waiting:
+            return {}
+        group = self._plan_group(waiting)
+        done = self._prefill_group(group) if group else {}
+        spent = len(group) * max((len(q.prompt_ids) for _, q in group), default=0)
+        for seq_id, seq in waiting:
+            if seq.joined:
+                continue
+            room = self.max_prefill_tokens - spent
+            remaining = len(seq.prompt_ids) - seq.filled
+            # A forward has a fixed cost (the weights stream once): no slivers once work was done.
+            if spent and (room <= 0 or room < min(remaining, self.max_prefill_tokens // 4)):
+                break
+            n = min(remaining, room)
+            logits = self._prefill_chunk(seq_id, seq, n)
+            spent += n
+            if logits is not None:
+                done[seq_id] = logits
+        return done
+
+    @torch.inference_mode()
+    def _prefill_group(self, group: list[tuple[str, _Sequence]]) -> dict[str, torch.Tensor]:
+        """One forward over whole fresh prompts, left-padded to the longest (positions restart
+        at 0 on each row's first real token); the rows join the batch. Logits (V,) per row."""
+        lengths = [len(q.prompt_ids) for _, q in group]
+        width = max(lengths)
+        ids = [[0] * (width - n) + q.prompt_ids for n, (_, q) in zip(lengths, group, strict=True)]
+        mask = [[0] * (width - n) + [1] * n for n in lengths]
+        positions = [[0] * (width - n) + list(range(n)) for n in lengths]
+        padded = min(lengths) < width
+        out = self.model(
+            input_ids=torch.tensor(ids, device=self.device),
+            attention_mask=torch.tensor(mask, device=self.device) if padded else None,
+            position_ids=torch.tensor(positions, device=self.device),
+            cache=new_cache(self._config, record=self.prefix_cache is not None),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for row, (n, (_, seq)) in enumerate(zip(lengths, group, strict=True)):
+            self._remember(seq, out.cache, row, width - n)
+            seq.forwards, seq.joined = 1, True
+        self._batch.join([s for s, _ in group], out.cache, lengths)
+        return {seq_id: out.logits[row, -1] for row, (seq_id, _) in enumerate(group)}
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, seq_id: str, seq: _Sequence, n: int) -> torch.Tensor | None:
+        """The next `n` prompt tokens on the sequence's own batch-1 cache. When the prompt is
+        complete the sequence joins the batch and its last logits (V,) come back, else None."""
+        start = seq.filled
+        if seq.cache is None:
+            seq.cache = new_cache(self._config, record=self.prefix_cache is not None)
+        out = self.model(
+            input_ids=torch.tensor([seq.prompt_ids[start : start + n]], device=self.device),
+            position_ids=torch.arange(start, start + n, device=self.device)[None],
+            cache=seq.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        seq.cache, seq.filled, seq.forwards = out.cache, start + n, seq.forwards + 1
+        if seq.filled < len(seq.prompt_ids):
+            return None
+        self._remember(seq, out.cache, 0, 0)
+        self._batch.join([seq_id], out.cache, [seq.filled])
+        seq.cache, seq.joined = None, True
+        return out.logits[0, -1]
+
+    def _remember(self, seq: _Sequence, cache: Any, row: int, offset: int) -> None:
+        """Store the prompt's full blocks; its tokens sit at columns offset.. of batch `row`."""
+        if self.prefix_cache is None:
+            return
+        size = self.prefix_cache.block_size
+        self.prefix_cache.insert(seq.prompt_ids, lambda j: row_block(cache, row, offset + j * size, size))
+
     def step(self) -> dict[str, StepEvent]:
         events: dict[str, StepEvent] = {}
-        # Rows already in the batch decode together; newcomers prefill (and join) after,
-        # so every sequence gets exactly one new token per step.
+        # Rows already in the batch decode together; then newcomers prefill within the budget
+        # and those whose prompt is complete join (their first token comes from the prefill).
         rows = list(self._batch.seq_ids)
         if rows:
             logits = self._decode()
             seqs = [self._seqs[s] for s in rows]
             for seq_id, seq, token in zip(rows, seqs, sample_rows(logits, seqs), strict=True):
                 events[seq_id] = commit_token(seq.generated, token, seq.params)
-        for seq_id, seq in list(self._seqs.items()):
-            if not seq.prefilled:
-                logits = self._prefill(seq_id, seq)
-                events[seq_id] = commit_token(seq.generated, sample_rows(logits[None], [seq])[0], seq.params)
+                events[seq_id].forward_passes = 1
+        for seq_id, last in self._prefill_some().items():
+            seq = self._seqs[seq_id]
+            events[seq_id] = commit_token(seq.generated, sample_rows(last[None], [seq])[0], seq.params)
+            events[seq_id].forward_passes = seq.forwards
         finished = {s for s, e in events.items() if e.finish_reason is not None}
         for seq_id in finished:
             del self._seqs[seq_id]
         self._batch.remove(finished)
-        for event in events.values():
-            event.forward_passes = 1
         return events

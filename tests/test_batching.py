@@ -73,3 +73,65 @@ def test_tiny_gemma_batched_equals_alone_across_the_sliding_window(tiny_loaded):
         ARSampler(model, torch.device("cpu")), jobs, {"p0": 0, "p1": 0, "p2": 3, "p3": 5, "p4": 20, "p5": 21}
     )
     assert together == alone
+
+
+def test_fake_model_prefill_budget_chunks_and_batches_equal_alone():
+    # Budgets below, between and above the prompt lengths: prompts prefill whole in one padded
+    # forward, or in chunks over several steps, and every sequence still gets its tokens alone.
+    rng = random.Random(1)
+    jobs = {
+        f"s{i}": (
+            [rng.randrange(1, V) for _ in range(rng.randrange(1, 30))],
+            SamplingParams(max_tokens=rng.randrange(2, 12), temperature=0),
+        )
+        for i in range(10)
+    }
+    alone = {
+        k: run(ARSampler(ScriptedModel(V, context_hash_script), torch.device("cpu")), {k: v}, {})[k]
+        for k, v in jobs.items()
+    }
+    for budget in (1, 4, 7, 40, 1000):
+        model = ScriptedModel(V, context_hash_script)
+        together = run(ARSampler(model, torch.device("cpu"), max_prefill_tokens=budget), jobs, {"s7": 2, "s9": 5})
+        assert together == alone, budget
+
+
+def test_prefill_of_simultaneous_arrivals_is_one_forward():
+    model = ScriptedModel(V, context_hash_script)
+    sampler = ARSampler(model, torch.device("cpu"), max_prefill_tokens=64)
+    for i, n in enumerate((3, 9, 5, 1)):
+        sampler.add(f"s{i}", list(range(1, n + 1)), SamplingParams(max_tokens=4, temperature=0))
+    events = sampler.step()
+    assert model.forward_calls == 1  # 4 rows x 9 columns = 36 <= 64: one left-padded forward
+    assert sorted(events) == ["s0", "s1", "s2", "s3"]
+    sampler.add("long", list(range(1, 41)), SamplingParams(max_tokens=4, temperature=0))
+    events = sampler.step()  # decode (1 forward) + 40 prompt tokens within the 64 budget (1 forward)
+    assert model.forward_calls == 3 and "long" in events
+
+
+def test_long_prompt_prefills_in_chunks_while_others_decode():
+    model = ScriptedModel(V, context_hash_script)
+    sampler = ARSampler(model, torch.device("cpu"), max_prefill_tokens=10)
+    sampler.add("short", [5, 6], SamplingParams(max_tokens=20, temperature=0))
+    sampler.step()
+    sampler.add("long", list(range(1, 36)), SamplingParams(max_tokens=3, temperature=0))
+    seen = []
+    for _ in range(4):  # 35 tokens at 10 per step: the first token comes with the 4th chunk
+        events = sampler.step()
+        assert "short" in events  # the running sequence decodes every step meanwhile
+        seen.append("long" in events)
+    assert seen == [False, False, False, True]
+    assert sampler.step()["long"].token_ids
+
+
+def test_tiny_gemma_ragged_prefill_equals_alone(tiny_loaded):
+    # Prompt lengths below, at and well past the tiny model's 16-token sliding window, arriving
+    # together (one left-padded prefill) and with a budget that chunks the long ones.
+    model, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    texts = ["a", "Hello, world", "The quick brown fox jumps over the lazy dog", "x = [1, 2, 3] " * 6]
+    jobs = {f"p{i}": (tok(t)["input_ids"], SamplingParams(max_tokens=24, temperature=0)) for i, t in enumerate(texts)}
+    assert sorted(len(p) for p, _ in jobs.values())[-1] > 3 * 16
+    alone = {k: run(ARSampler(model, torch.device("cpu"), prefix_cache_mb=0), {k: v}, {})[k] for k, v in jobs.items()}
+    for budget in (10_000, 100, 7):
+        sampler = ARSampler(model, torch.device("cpu"), max_prefill_tokens=budget, prefix_cache_mb=0)
+        assert run(sampler, jobs, {}) == alone, budget

@@ -4,8 +4,10 @@ Layout: every row has the same number T of cache columns; a row with fewer real 
 LEFT-padded (right padding is wrong: new tokens must land in the same column for all rows).
 `attention_mask` (B, T) marks real columns with 1. Each row's real tokens are therefore the
 last r_i columns, so sliding-window layers, which keep only the last W-1 columns, keep every
-row's own window. Rows join (after a batch-1 prefill) and leave between steps; after a row
-leaves, columns that are padding in every row are trimmed, so T stays the longest row.
+row's own window. Rows join (after a prefill: one row, or several left-padded rows of one
+batched prefill) and leave between steps; after a row leaves, columns that are padding in
+every row are trimmed, so T stays the longest row. A joining cache whose sliding layers kept
+more columns (past recording, for the prefix cache) is cut back to the window here.
 
 Cache layer tensors are (B, H, C, D) with C = T for full-attention layers and
 min(T, W-1) for sliding-window layers (their `cumulative_length` is T).
@@ -31,6 +33,26 @@ def _left_pad(x: torch.Tensor, columns: int) -> torch.Tensor:
         return x[:, :, x.shape[-2] - columns :, :]
     pad = x.new_zeros(x.shape[0], x.shape[1], missing, x.shape[3])
     return torch.cat([pad, x], dim=-2)
+
+
+def _stop_recording(cache: Any, total: int) -> None:
+    """Sliding layers that recorded their past (record_past) keep only their window from here."""
+    for layer in cache.layers:
+        if getattr(layer, "record_past", False):
+            layer.record_past = False
+            columns = _layer_columns(layer, total)
+            layer.keys, layer.values = layer.keys[:, :, -columns:, :], layer.values[:, :, -columns:, :]
+
+
+def _zero_padding(cache: Any, rows_mask: torch.Tensor) -> None:
+    """Padding columns hold zeros, whatever a padded prefill computed there: masked columns
+    must stay finite (a NaN times a zero attention weight is still NaN)."""
+    if bool(rows_mask.all()):
+        return
+    for layer in cache.layers:
+        # masked_fill, not a product: NaN * 0 is NaN.
+        pad = rows_mask[:, None, -layer.keys.shape[-2] :, None] == 0
+        layer.keys, layer.values = layer.keys.masked_fill(pad, 0), layer.values.masked_fill(pad, 0)
 
 
 def _set_total(cache: Any, total: int) -> None:
@@ -60,15 +82,19 @@ class KVBatch:
         """Whether any row is shorter than T (left padding present)."""
         return any(r != self.total for r in self.lengths)
 
-    def join(self, seq_id: str, cache: Any, length: int) -> None:
-        """Add a prefilled batch-1 `cache` holding `length` tokens (all real)."""
+    def join(self, seq_ids: list[str], cache: Any, lengths: list[int]) -> None:
+        """Add the rows of a prefilled `cache`: row i holds `lengths[i]` real tokens, left-padded
+        to max(lengths) columns (a batch-1 prefill is one row without padding)."""
         device = cache.layers[0].keys.device
-        row_mask = torch.ones(1, length, dtype=torch.long, device=device)
+        width = max(lengths)
+        rows_mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long, device=device)
+        _stop_recording(cache, width)
+        _zero_padding(cache, rows_mask)
         if self.cache is None:
-            self.cache, self.attention_mask = cache, row_mask
-            self.seq_ids, self.lengths = [seq_id], [length]
+            self.cache, self.attention_mask = cache, rows_mask
+            self.seq_ids, self.lengths = list(seq_ids), list(lengths)
             return
-        total = max(self.total, length)
+        total = max(self.total, width)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             columns = _layer_columns(mine, total)
             mine.keys = torch.cat([_left_pad(mine.keys, columns), _left_pad(theirs.keys, columns)])
@@ -76,10 +102,10 @@ class KVBatch:
         _set_total(self.cache, total)
         assert self.attention_mask is not None
         old = torch.nn.functional.pad(self.attention_mask, (total - self.total, 0))
-        new = torch.nn.functional.pad(row_mask, (total - length, 0))
+        new = torch.nn.functional.pad(rows_mask, (total - width, 0))
         self.attention_mask = torch.cat([old, new])
-        self.seq_ids.append(seq_id)
-        self.lengths.append(length)
+        self.seq_ids += seq_ids
+        self.lengths += lengths
 
     def mask_for_step(self) -> torch.Tensor:
         """(B, T + 1): the mask a forward over one new token per row needs."""
