@@ -4,8 +4,11 @@ For every prompt it runs AR greedy and the parallel sampler at each `steps` sett
 one step of each in turn (the order rotates per prompt), so machine noise hits all alike. Per configuration it
 reports tokens/s, the ratio to AR (aggregate and median per prompt), tokens per forward,
 exact-match rate and ROUGE-L against AR's output, and the perplexity of the output under the
-model in float32; then the default configuration's ratio at a few output lengths. It prints a
-table, writes JSON (top-level `runs`) and optionally a PNG of speed ratio against quality.
+model in float32; then the default configuration's ratio at a few output lengths, its tokens
+per forward and speed-up when sampling (seeded, at `--temperatures`), and with `--concurrency`
+the tokens/s of N concurrent greedy sequences through the engine core (batched parallel against
+batched AR). It prints tables, writes JSON (top-level `runs`, `sampling`, `concurrency`) and
+optionally a PNG of speed ratio against quality.
 
     dgserve bench --config configs/default.yaml --prompts bench/prompts.jsonl --max-tokens 128 \
         [--dtype float32|bfloat16] --json OUT.json [--plot OUT.png] [--limit N]
@@ -72,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="16,64,256", help="output lengths for the default config's scaling rows")
     p.add_argument("--scaling-prompts", type=int, default=8, help="prompts used for the scaling rows ('0' skips them)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--temperatures", default="0.7,1.0", help="seeded sampling rows ('' skips them)")
+    p.add_argument("--concurrency", default="", help="comma list of concurrent sequence counts, e.g. 1,4,8")
     p.add_argument(
         "--no-f32-reference",
         action="store_true",
@@ -304,6 +309,11 @@ def _run(args: argparse.Namespace, config: Any) -> int:
             }
         )
 
+    temperatures = [float(x) for x in args.temperatures.split(",") if x.strip()]
+    sampling = [_sampling_row(make, prompt_ids, params, t) for t in temperatures]
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    concurrency = [_concurrency_row(make, prompt_ids, params, n) for n in levels]
+
     report = {
         "model": config.model,
         "dtype": dtype,
@@ -315,6 +325,8 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         "parallel_options": options,
         "runs": runs,
         "scaling": scaling,
+        "sampling": sampling,
+        "concurrency": concurrency,
     }
     print(format_table(report))
     if args.json_out:
@@ -323,6 +335,80 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     if args.plot:
         plot(report, args.plot)
     return 0
+
+
+def _sampling_row(make: Any, prompt_ids: list[list[int]], params: SamplingParams, temperature: float) -> dict[str, Any]:
+    """AR and the default parallel config sampling at `temperature`, prompt i with seed i,
+    interleaved step by step; the parallel draws must equal AR's (same keyed noise)."""
+    ar, par = Result("ar", "ar", None), Result("parallel", "parallel", None)
+    for i, ids in enumerate(prompt_ids):
+        p = SamplingParams(
+            max_tokens=params.max_tokens, temperature=temperature, seed=i, stop_token_ids=params.stop_token_ids
+        )
+        pair = (ar, par) if i % 2 == 0 else (par, ar)
+        runs_i = interleaved([make("ar" if r is ar else "default") for r in pair], ids, p)
+        for r, (out, secs, fw) in zip(pair, runs_i, strict=True):
+            r.outputs.append(out)
+            r.seconds.append(secs)
+            r.forwards.append(fw)
+    return {
+        "temperature": temperature,
+        "ar_tokens_per_s": ar.tokens_per_s,
+        "parallel_tokens_per_s": par.tokens_per_s,
+        "ratio_vs_ar": par.tokens_per_s / ar.tokens_per_s,
+        "tokens_per_forward": par.tokens / max(sum(par.forwards), 1),
+        "exact_match_rate": sum(a == b for a, b in zip(ar.outputs, par.outputs, strict=True)) / len(prompt_ids),
+    }
+
+
+def _concurrency_row(make: Any, prompt_ids: list[list[int]], params: SamplingParams, n: int) -> dict[str, Any]:
+    """N greedy sequences (the prompts, cycled) served at once through the engine core's
+    `run_to_completion`: batched AR against batched parallel (default config), aggregate tokens/s."""
+    from server.engine_core import run_to_completion
+
+    requests = {f"c{i}": (prompt_ids[i % len(prompt_ids)], params) for i in range(n)}
+    row: dict[str, Any] = {"sequences": n}
+    outputs = {}
+    for kind in ("ar", "parallel") if n % 2 else ("parallel", "ar"):
+        start = time.perf_counter()
+        done = run_to_completion(make("ar" if kind == "ar" else "default"), requests)
+        secs = time.perf_counter() - start
+        tokens = sum(len(t) for t in done.tokens.values())
+        row[f"{kind}_tokens_per_s"] = tokens / secs
+        row[f"{kind}_tokens_per_forward"] = tokens / max(sum(done.forward_passes.values()), 1)
+        row[f"{kind}_steps"] = done.steps
+        outputs[kind] = done.tokens
+    row["ratio_vs_ar"] = row["parallel_tokens_per_s"] / row["ar_tokens_per_s"]
+    row["exact_match_rate"] = sum(outputs["ar"][k] == outputs["parallel"][k] for k in requests) / n
+    return row
+
+
+def _extra_tables(report: dict[str, Any]) -> list[str]:
+    """The sampling and concurrency tables (empty when those sections did not run)."""
+    lines: list[str] = []
+    if report.get("sampling"):
+        lines += [
+            "",
+            "| temperature (seeded) | AR tok/s | parallel tok/s | x AR | tok/fwd | same as AR |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in report["sampling"]:
+            lines.append(
+                f"| {s['temperature']} | {s['ar_tokens_per_s']:.1f} | {s['parallel_tokens_per_s']:.1f} | "
+                f"{s['ratio_vs_ar']:.2f} | {s['tokens_per_forward']:.2f} | {s['exact_match_rate']:.0%} |"
+            )
+    if report.get("concurrency"):
+        lines += [
+            "",
+            "| concurrent sequences (greedy) | AR tok/s | parallel tok/s | x AR | parallel tok/fwd | same as AR |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in report["concurrency"]:
+            lines.append(
+                f"| {c['sequences']} | {c['ar_tokens_per_s']:.1f} | {c['parallel_tokens_per_s']:.1f} | "
+                f"{c['ratio_vs_ar']:.2f} | {c['parallel_tokens_per_forward']:.2f} | {c['exact_match_rate']:.0%} |"
+            )
+    return lines
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -362,7 +448,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"| {s['max_tokens']} | {s['ar_tokens_per_s']:.1f} | {s['parallel_tokens_per_s']:.1f} | "
                 f"{s['ratio_vs_ar']:.2f} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + _extra_tables(report))
 
 
 def plot(report: dict[str, Any], path: str | Path) -> None:

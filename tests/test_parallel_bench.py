@@ -19,7 +19,10 @@ def test_shipped_prompt_set():
 def test_bench_smoke_tiny(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     flags = "--config configs/tiny.yaml --prompts bench/prompts.jsonl --limit 2 --max-tokens 8 --lengths 4,8"
-    rc = run([*flags.split(), "--scaling-prompts", "2", "--threads", "1", "--json", str(out), "--plot", str(png)])
+    more = ["--temperatures", "0.7,1.0", "--concurrency", "1,3"]
+    rc = run(
+        [*flags.split(), *more, "--scaling-prompts", "2", "--threads", "1", "--json", str(out), "--plot", str(png)]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     runs = report["runs"]
@@ -32,5 +35,15 @@ def test_bench_smoke_tiny(tmp_path, capsys):
     # Unlimited steps is exact: same tokens as AR on every prompt.
     assert runs[-1]["exact_match_rate"] == 1.0
     assert [s["max_tokens"] for s in report["scaling"]] == [4, 8]
+    # Seeded sampling draws what AR draws, at every temperature.
+    assert [s["temperature"] for s in report["sampling"]] == [0.7, 1.0]
+    for s in report["sampling"]:
+        assert s["exact_match_rate"] == 1.0 and s["tokens_per_forward"] >= 1 and s["parallel_tokens_per_s"] > 0
+    # Concurrent greedy sequences through the engine core: batched parallel equals batched AR.
+    assert [c["sequences"] for c in report["concurrency"]] == [1, 3]
+    for c in report["concurrency"]:
+        assert c["exact_match_rate"] == 1.0 and c["ar_tokens_per_forward"] == 1.0
     assert png.stat().st_size > 1000
-    assert "| parallel | unlimited |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| parallel | unlimited |" in printed
+    assert "| temperature (seeded) |" in printed and "| concurrent sequences (greedy) |" in printed
