@@ -55,7 +55,14 @@ def start_choices(job: Job, state: ServerState) -> list[Choice]:
     tokenizer = state.ready_model().tokenizer
     loop = asyncio.get_running_loop()
     requests = [
-        EngineRequest(job.prompts[i // job.n], params, job.sampler, loop, sampler_when_busy=job.sampler_when_busy)
+        EngineRequest(
+            job.prompts[i // job.n],
+            params,
+            job.sampler,
+            loop,
+            sampler_when_busy=job.sampler_when_busy,
+            group=job.request_id,  # sibling choices do not count as load for the busy switch
+        )
         for i, params in enumerate(job.params)
     ]
     engine.submit_many(requests)

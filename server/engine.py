@@ -111,6 +111,8 @@ class Engine:
             except NotAccepting:
                 raise overloaded("The server is shutting down.", retry_after_s=5) from None
             except QueueFull as full:
+                if len(requests) > full.max_queue:  # could never fit, however idle: not "retry later"
+                    raise APIError(400, f"{len(requests)} choices exceed the queue's {full.max_queue}.") from None
                 raise overloaded(f"The request queue is full ({full.max_queue} waiting); retry later.") from None
             self._listeners.update((r.seq_id, r) for r in requests)
             self.metrics.label(self.metrics.waiting).set(self.core.num_waiting)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,11 +24,18 @@ def error_response(exc: APIError, state: ServerState | None = None) -> JSONRespo
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+# pydantic names the union member it tried in the location ("str", "list[TextPart]",
+# "function-after[...]", a model's class name): noise to a client. Field names are snake_case, so
+# a whole-part match cannot eat a parameter such as `stream` or `strict`.
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*)")
+
+
+def _param_from_loc(loc: tuple[Any, ...], *, keep_last: bool = False) -> str | None:
+    """The dotted parameter path of a validation error. `keep_last`: the last part is a field
+    name the client sent (an unknown field), never a union tag."""
     parts = [str(p) for p in loc if p != "body"]
-    # pydantic adds the union member's type name to the location; it is noise to a client.
-    parts = [p for p in parts if not p.startswith(("list[", "str", "int", "function-"))]
-    return ".".join(parts) or None
+    named = [p for i, p in enumerate(parts) if (keep_last and i == len(parts) - 1) or not _UNION_TAG.fullmatch(p)]
+    return ".".join(named) or None
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -36,8 +44,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
-    param = _param_from_loc(tuple(first.get("loc", ())))
-    if first.get("type") == "extra_forbidden":
+    unknown = first.get("type") == "extra_forbidden"
+    param = _param_from_loc(tuple(first.get("loc", ())), keep_last=unknown)
+    if unknown:
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
     return APIError(400, message, param=param, code="invalid_value")
@@ -57,9 +66,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Unknown routes and methods: not counted as request errors.
+        # Unknown routes and methods are errors a client made: counted like any other.
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(exc.status_code, str(exc.detail), param=None, code=code))
+        return error_response(APIError(exc.status_code, str(exc.detail), param=None, code=code), state_of(request))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

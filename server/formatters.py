@@ -73,6 +73,7 @@ class ResponseFormatter(ABC):
             model=job.model,
             choices=[self._choice(c) for c in choices],
             usage=usage(job, choices),
+            system_fingerprint=job.system_fingerprint,
             timings=timings(job, choices),
         ).model_dump()
 
@@ -89,7 +90,14 @@ class ResponseFormatter(ABC):
         return []
 
     def _chunk(self, job: Job, choices: list[Any], **extra: Any) -> dict[str, Any]:
-        chunk = self.chunk_type(id=job.request_id, created=job.created, model=job.model, choices=choices, **extra)
+        chunk = self.chunk_type(
+            id=job.request_id,
+            created=job.created,
+            model=job.model,
+            choices=choices,
+            system_fingerprint=job.system_fingerprint,
+            **extra,
+        )
         # `usage` is null on each chunk only for a client that asked for it (stream_options).
         return chunk.model_dump(exclude=None if job.include_usage else {"usage"})
 

@@ -13,6 +13,7 @@ from typing import Any
 from sampler.registry import SAMPLERS_FOR_KIND
 from sampler.runtime.model import LoadedModel
 from sampler.types import SamplingParams
+from server import __version__
 from server.chat import chat_prompt_ids, chat_stop_token_ids, text_prompt_ids
 from server.errors import bad_request, model_not_found, unsupported_parameter
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -36,6 +37,7 @@ class Job:
     include_usage: bool
     want_drafts: bool
     n: int
+    system_fingerprint: str  # the backend that shaped the output: version, sampler, dtype
     arrival: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -81,8 +83,8 @@ def _busy_sampler_for(req: Request, loaded: LoadedModel, configured: str | None)
 
 
 def _chat_prompts(req: ChatCompletionRequest, loaded: LoadedModel) -> tuple[list[list[int]], list[int]]:
-    if req.messages[-1].role == "assistant" and len(req.messages) == 1:
-        raise bad_request("messages must contain a user or system message", param="messages")
+    if all(m.role == "assistant" for m in req.messages):
+        raise bad_request("messages must contain a user, system or developer message", param=req.prompt_param)
     prompts = [chat_prompt_ids(loaded.tokenizer, req.messages)]
     stop_ids = list(loaded.eos_token_ids)
     stop_ids += [t for t in chat_stop_token_ids(loaded.tokenizer) if t not in stop_ids]
@@ -128,7 +130,7 @@ def _max_tokens(req: Request, state: ServerState, prompt_len: int) -> int:
             f"This model's maximum context length is {context} tokens. "
             f"You requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
             f"{requested} for the completion).",
-            param="max_tokens",
+            param=req.max_tokens_param(),
             code="context_length_exceeded",
         )
     return requested
@@ -142,6 +144,13 @@ def build_job(req: Request, state: ServerState, request_id: str) -> Job:
     else:
         prompts, stop_ids = _completion_prompts(req, loaded)
     n = req.n or 1
+    if len(prompts) * n > state.config.max_queue:
+        # It could never be queued whole, however idle the server: not a "retry later".
+        raise bad_request(
+            f"This request asks for {len(prompts) * n} choices (prompts x n); the server queues at most "
+            f"{state.config.max_queue}.",
+            param="n" if n > 1 else req.prompt_param,
+        )
     params = [
         req.to_sampling_params(
             max_tokens=_max_tokens(req, state, len(prompt)), stop_token_ids=stop_ids, choice=j, defaults=state.config
@@ -149,16 +158,25 @@ def build_job(req: Request, state: ServerState, request_id: str) -> Job:
         for prompt in prompts
         for j in range(n)
     ]
+    sampler = _sampler_for(req, loaded, state.config.sampler)
     return Job(
         request_id=request_id,
         model=req.model,
         prompts=prompts,
         params=params,
-        sampler=_sampler_for(req, loaded, state.config.sampler),
+        sampler=sampler,
         sampler_when_busy=_busy_sampler_for(req, loaded, state.config.sampler_when_busy),
         stop=req.stop_list(),
         stream=bool(req.stream),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         want_drafts=req.stream_refinements,
         n=n,
+        system_fingerprint=fingerprint(sampler, str(loaded.dtype).removeprefix("torch.")),
     )
+
+
+def fingerprint(sampler: str, dtype: str) -> str:
+    """OpenAI's `system_fingerprint`: changes when the backend that shapes outputs changes (the
+    server version, the sampler the request was given, the loaded weights' dtype). The sampler that
+    actually ran (after a busy switch) is in `timings.sampler`."""
+    return f"fp_dgserve-{__version__}-{sampler}-{dtype}"

@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from sampler.registry import SamplerName
 from sampler.types import DiffusionOptions, ParallelOptions, SamplingParams
@@ -42,17 +51,38 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # What the openai SDK's `message.model_dump()` sends back with an assistant turn: all null or
+    # empty for a plain reply. A refusal's text stands for the turn when `content` is null;
+    # annotations (citations) do not enter the prompt; tool and audio turns are not served.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: None = None
+    audio: None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tool calls are not supported by this server")
+        return value
+
+    @model_validator(mode="after")
+    def _assistant_fields(self) -> ChatMessage:
+        if self.role != "assistant" and (self.refusal is not None or self.annotations or self.tool_calls is not None):
+            raise ValueError("refusal, annotations and tool_calls belong to assistant messages")
+        return self
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingDefaults(Protocol):
@@ -77,13 +107,14 @@ class _SamplingFields(_Strict):
     seed: int | None = None
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    stream: bool | None = False
+    # Strict: the string "yes" is not a boolean (pydantic's lax mode would take it as true).
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extensions.
     sampler: SamplerName | None = None
     steps: int | None = Field(None, ge=1)
-    stream_refinements: bool = False
+    stream_refinements: StrictBool = False
     entropy_bound: float | None = Field(None, gt=0.0)
     t_min: float | None = Field(None, ge=0.0)
     t_max: float | None = Field(None, ge=0.0)
@@ -128,6 +159,10 @@ class _SamplingFields(_Strict):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        """The request field that set the completion budget, named in context-length errors."""
+        return "max_tokens"
 
     def to_sampling_params(
         self, *, max_tokens: int, stop_token_ids: Iterable[int], choice: int, defaults: SamplingDefaults
@@ -176,6 +211,9 @@ class ChatCompletionRequest(_SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 class CompletionRequest(_SamplingFields):
@@ -238,6 +276,8 @@ class Timings(_Wire):
 class AssistantMessage(_Wire):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None
+    annotations: list[Any] = []
 
 
 class ChatChoice(_Wire):
@@ -289,7 +329,7 @@ class _ResponseBody(_Wire, Generic[ChoiceT]):
     model: str
     choices: list[ChoiceT]
     usage: Usage
-    system_fingerprint: None = None
+    system_fingerprint: str
     timings: Timings
 
 
@@ -312,7 +352,7 @@ class _ChunkBody(_Wire, Generic[ChoiceT]):
     created: int
     model: str
     choices: list[ChoiceT]
-    system_fingerprint: None = None
+    system_fingerprint: str
     usage: Usage | None = None
     timings: Timings | None = None
     refinement: Refinement | None = None

@@ -8,8 +8,9 @@ The rules (docs/load.md, "The engine under load"):
   one request) is queued whole or refused whole (`QueueFull`), so choices are never half queued.
 - **Draining.** After `stop_accepting()` every new group is refused (`NotAccepting`); what is
   already queued or running still completes.
-- **Busy switch.** A sequence with `sampler_when_busy` that is handed to its sampler while more
-  than one sequence runs (counting those admitted with it) runs on that sampler instead.
+- **Busy switch.** A sequence with `sampler_when_busy` that is handed to its sampler while a
+  sequence of another group runs (counting those admitted with it) runs on that sampler instead;
+  its own group's siblings (the other choices of its request) do not make the engine busy.
 
 Thread safety: every method takes the scheduler's lock briefly and never calls out while
 holding it, so handler threads may queue and drop waiting sequences while the model thread
@@ -36,6 +37,8 @@ class SequenceRequest:
     sampler: str
     # Keyword-only, so a subclass may add positional fields after `sampler`.
     sampler_when_busy: str | None = field(default=None, kw_only=True)
+    # The request this sequence is one choice of; None: a group of its own.
+    group: str | None = field(default=None, kw_only=True)
     seq_id: str = field(default_factory=lambda: uuid.uuid4().hex, kw_only=True)
     arrival: float = field(default_factory=time.monotonic, kw_only=True)
     admitted: float | None = field(default=None, kw_only=True)
@@ -118,9 +121,17 @@ class Scheduler:
         Judged when the sequence is handed to its sampler, so sequences admitted with it count
         and ones refused before it no longer do.
         """
-        if request.sampler_when_busy is not None and len(self._running) > 1:
+        with self._lock:
+            busy = any(self._other_group(request, r) for r in self._running.values())
+        if request.sampler_when_busy is not None and busy:
             request.sampler = request.sampler_when_busy
         return request.sampler
+
+    @staticmethod
+    def _other_group(request: SequenceRequest, running: SequenceRequest) -> bool:
+        if running is request:
+            return False
+        return request.group is None or running.group != request.group
 
     def is_running(self, seq_id: str) -> bool:
         return seq_id in self._running

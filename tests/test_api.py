@@ -249,3 +249,18 @@ def test_generation_tokens_metric_equals_usage(client):
     ):
         assert _metric(client, name) > 0, name
     assert _metric(client, "dgserve_requests_running") == 0
+
+
+def test_system_fingerprint_on_every_completion_object(client):
+    from server import __version__
+
+    expected = f"fp_dgserve-{__version__}-ar-float32"  # version, sampler, dtype of the loaded weights
+    assert complete(client).json()["system_fingerprint"] == expected
+    assert chat(client).json()["system_fingerprint"] == expected
+    for response in (
+        chat(client, stream=True, stream_options={"include_usage": True}),
+        complete(client, stream=True),
+    ):
+        chunks = [json.loads(d) for _, d in sse_events(response.text)[:-1]]
+        assert chunks and all(c["system_fingerprint"] == expected for c in chunks)
+    assert complete(client, sampler="parallel").json()["system_fingerprint"] == expected.replace("-ar-", "-parallel-")
