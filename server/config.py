@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -78,13 +79,27 @@ class ServerConfig(BaseModel):
         return self.served_model_name or self.model
 
 
+def _free_text(annotation: Any) -> bool:
+    """True for `str` and `str | None` fields: their environment value is the text as written."""
+    return annotation is str or (
+        get_origin(annotation) in (Union, UnionType) and set(get_args(annotation)) == {str, type(None)}
+    )
+
+
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ServerConfig.model_fields:
+    for key, info in ServerConfig.model_fields.items():
         raw = environ.get(f"DGSERVE_{key.upper()}")
-        if raw is not None:
+        if raw is None:
+            continue
+        if not raw.strip():
+            out[key] = None
+        elif _free_text(info.annotation):
+            # An API key "null", "~", "123456" or "0123", a model name "1.0": text, never YAML.
+            out[key] = raw
+        else:
             # Strings like "null", "8", "true" or '{"block_size": 8}' get their YAML meaning.
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            out[key] = yaml.safe_load(raw)
     return out
 
 
