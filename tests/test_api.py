@@ -264,3 +264,36 @@ def test_system_fingerprint_on_every_completion_object(client):
         chunks = [json.loads(d) for _, d in sse_events(response.text)[:-1]]
         assert chunks and all(c["system_fingerprint"] == expected for c in chunks)
     assert complete(client, sampler="parallel").json()["system_fingerprint"] == expected.replace("-ar-", "-parallel-")
+
+
+def test_sdk_dumped_assistant_messages_are_accepted(client):
+    dumped = {"role": "assistant", "content": "Hi.", "refusal": None, "annotations": [], "audio": None}
+    dumped |= {"function_call": None, "tool_calls": None}
+    turns = [{"role": "user", "content": "Hello"}, dumped, {"role": "user", "content": "More"}]
+    plain = [*turns[:1], {"role": "assistant", "content": "Hi."}, *turns[2:]]
+    a, b = chat(client, temperature=0, messages=turns).json(), chat(client, temperature=0, messages=plain).json()
+    assert a["usage"] == b["usage"] and a["choices"][0]["message"] == b["choices"][0]["message"]
+    assert a["choices"][0]["message"]["refusal"] is None and a["choices"][0]["message"]["annotations"] == []
+    # A refusal with null content stands for its turn.
+    refusal = {"role": "assistant", "content": None, "refusal": "I can't help with that.", "tool_calls": []}
+    as_text = {"role": "assistant", "content": "I can't help with that."}
+    with_refusal = chat(client, temperature=0, messages=[turns[0], refusal, turns[2]]).json()
+    with_text = chat(client, temperature=0, messages=[turns[0], as_text, turns[2]]).json()
+    assert with_refusal["usage"] == with_text["usage"]
+
+
+@pytest.mark.parametrize(
+    "message,param",
+    [
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]},
+            "messages.1.tool_calls",
+        ),
+        ({"role": "assistant", "content": "x", "audio": {"id": "a1"}}, "messages.1.audio"),
+        ({"role": "assistant", "content": "x", "function_call": {"name": "f"}}, "messages.1.function_call"),
+        ({"role": "user", "content": "x", "refusal": "no"}, "messages.1"),
+    ],
+)
+def test_assistant_fields_the_server_cannot_serve_are_refused(client, message, param):
+    r = chat(client, messages=[{"role": "user", "content": "Hello"}, message])
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -112,3 +112,25 @@ def test_non_streaming_disconnect_frees_the_sequence(tiny_server):
         httpx.post(f"{tiny_server.base_url}/v1/completions", json=body, timeout=1.0)
     wait_until(lambda: tiny_server.metric("dgserve_requests_running") == 0, timeout=10)
     assert tiny_server.metric("dgserve_requests_running") == 0
+
+
+def test_sdk_three_turn_conversation_appends_dumped_messages(client):
+    """What chat frontends do: the previous reply goes back as the SDK dumps it (refusal,
+    tool_calls, function_call, audio and annotations null or empty)."""
+    messages: list[dict] = [{"role": "system", "content": "Be brief."}]
+    prompt_tokens = []
+    for question in ("Hi", "And then?", "Thanks"):
+        messages.append({"role": "user", "content": question})
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+        dumped = r.choices[0].message.model_dump()
+        assert {"refusal", "tool_calls", "function_call", "audio", "annotations"} <= dumped.keys()
+        assert dumped["role"] == "assistant" and dumped["content"]
+        assert r.system_fingerprint and r.system_fingerprint.startswith("fp_dgserve-")
+        prompt_tokens.append(r.usage.prompt_tokens)
+        messages.append(dumped)
+    # Each turn's prompt holds the previous reply (6 tokens) and the new question.
+    assert prompt_tokens[1] > prompt_tokens[0] + 6 and prompt_tokens[2] > prompt_tokens[1] + 6
+    # The dumped replies render exactly as plain assistant messages would.
+    plain = [m if m["role"] != "assistant" else {"role": "assistant", "content": m["content"]} for m in messages]
+    again = client.chat.completions.create(model=MODEL, messages=plain[:-1], max_tokens=6, temperature=0)
+    assert again.usage.prompt_tokens == prompt_tokens[2] and again.choices[0].message.content == messages[-1]["content"]
