@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--model", help="built-in name, .gguf file, local directory or hub id")
     p.add_argument("--served-model-name", dest="served_model_name")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"])
     p.add_argument("--device")
     p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--api-key", dest="api_key")

@@ -29,12 +29,14 @@ class ServerConfig(BaseModel):
     model: str = "gemma3-270m"
     # The id clients send in `model`; defaults to `model`.
     served_model_name: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # `auto`: bfloat16 on CPUs with hardware bfloat16 (AMX, AVX512-BF16), float32 elsewhere
+    # (sampler/runtime/loading.choose_dtype; the choice and its reason are logged at start-up).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "auto"
-    # CPU matrix-product kernels (sampler/runtime/cpu_linear.py): `auto` uses oneDNN where it measured
-    # faster and runs bfloat16 products of 4+ rows in float32 on CPUs without native bfloat16;
-    # `native` keeps torch's stock kernels.
-    cpu_gemm: Literal["auto", "native"] = "auto"
+    # CPU matrix-product kernels (sampler/runtime/cpu_linear.py): `auto` times the kernels the CPU's
+    # flags allow per weight shape at start-up and keeps the fastest per row count; `flags` takes
+    # the flags' pick without measuring; `native` keeps torch's stock kernels.
+    cpu_gemm: Literal["auto", "flags", "native"] = "auto"
     sampler: SamplerName = "ar"
     # A request that names no sampler and is admitted while other sequences run goes to this
     # sampler instead: parallel refinement spends one forward per sequence per step, AR one

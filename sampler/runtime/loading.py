@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sampler.runtime.cpu_linear import CpuGemm, speed_up_linears
+from sampler.runtime.cpu_features import CpuFeatures, detect
+from sampler.runtime.cpu_linear import CpuGemm, packed_works, speed_up_linears
 from sampler.runtime.model import (
     BUILTIN_GEMMA3_270M,
     TINY_DIFFUSION,
@@ -46,8 +47,32 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str) -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted(table)} or 'auto', got {dtype!r}")
     return table[dtype]
+
+
+def choose_dtype(
+    dtype: str, device: torch.device, features: CpuFeatures | None = None, *, bf16_packs: bool | None = None
+) -> tuple[torch.dtype, str]:
+    """The weights' dtype for `dtype` (a name or `auto`) on `device`, and why (logged at start-up).
+
+    `auto` on CPU: bfloat16 where the CPU has hardware bfloat16 (AMX or AVX512-BF16) and oneDNN
+    runs prepacked bfloat16 linears on it (half the bytes to stream, and many rows cost little
+    more than one); float32 elsewhere, where many bfloat16 rows are float32 arithmetic anyway
+    and float32 keeps greedy parallel refinement identical to AR. `features` and `bf16_packs`
+    default to this machine's (tests fake them).
+    """
+    if dtype != "auto":
+        return resolve_dtype(dtype), "configured"
+    if device.type != "cpu":
+        return torch.bfloat16, f"dtype auto -> bfloat16: {device.type} device"
+    features = features or detect()
+    bf16_packs = packed_works(torch.bfloat16) if bf16_packs is None else bf16_packs
+    isa = " ".join(features.isa()) or "no x86 vector flags"
+    if features.native_bf16 and features.bf16_prepack and bf16_packs:
+        return torch.bfloat16, f"dtype auto -> bfloat16: native bfloat16 ({isa}), oneDNN prepacked bfloat16 linears"
+    why = "oneDNN cannot prepack bfloat16 in this torch" if features.native_bf16 else "no native bfloat16"
+    return torch.float32, f"dtype auto -> float32: {why} ({isa}); parallel refinement is exact in float32"
 
 
 def _step(message: str, started: float) -> None:
@@ -142,9 +167,14 @@ def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
 def load_model(spec: str, *, dtype: str = "float32", device: str = "auto", cpu_gemm: CpuGemm = "auto") -> LoadedModel:
     """Load what `spec` names: a built-in name, a .gguf file, a local directory or a hub id.
 
-    On CPU the linear layers get the kernels `cpu_gemm` asks for (sampler/runtime/cpu_linear.py).
+    `dtype` may be `auto` (`choose_dtype`). On CPU the linear layers get the kernels `cpu_gemm`
+    asks for (sampler/runtime/cpu_linear.py).
     """
-    loaded = _load(spec, resolve_dtype(dtype), resolve_device(device))
+    torch_device = resolve_device(device)
+    torch_dtype, reason = choose_dtype(dtype, torch_device)
+    if dtype == "auto":
+        log.info("%s", reason)
+    loaded = _load(spec, torch_dtype, torch_device)
     if loaded.device.type == "cpu":
         speed_up_linears(loaded.model, cpu_gemm)
     return loaded
