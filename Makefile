@@ -1,5 +1,6 @@
 # The README's two commands: `make serve` and `make test` (which lints first, so CI does too).
-# The Dockerfile runs the same install commands (tests/test_deploy.py keeps the two in step).
+# `make serve` installs what serving needs; `make test` (and lint, bench) add the test extra.
+# The Dockerfile runs the serving install commands (tests/test_deploy.py keeps the two in step).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,13 +8,20 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 
-.PHONY: install serve lint test bench clean
+.PHONY: install install-test serve lint test bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --no-cache-dir "$(TORCH_SPEC)"
+	$(PY) -m pip install --no-cache-dir -e .
+	touch $@
+
+# The test extra (pytest, linters, selenium, benchmark plotting) on top of the serving install.
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --no-cache-dir -e ".[test]"
 	touch $@
 
@@ -21,15 +29,15 @@ serve: install
 	$(VENV)/bin/dgserve --config $(CONFIG)
 
 # ruff and mypy read their settings from pyproject.toml; mypy checks server/, sampler/ and bench/.
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: install lint
+test: install-test lint
 	$(PY) -m pytest -q
 
-bench: install
+bench: install-test
 	$(VENV)/bin/dgserve bench --config $(CONFIG) --prompts bench/prompts.jsonl --max-tokens 128 --json bench/results.json --plot bench/results.png
 
 clean:

@@ -334,6 +334,17 @@ def test_pod_runs_locked_down(rendered, kustomization):
     assert resources["limits"]["memory"]
 
 
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_manifests_turn_the_playground_off(rendered, kustomization, tmp_path):
+    from server.config import load_config
+
+    env = {e["name"]: e["value"] for e in _container(rendered[kustomization])["env"] if "value" in e}
+    served = tmp_path / CONFIG_KEY
+    served.write_text(_one(rendered[kustomization], "ConfigMap")["data"][CONFIG_KEY])
+    # What the server in the pod loads: the ConfigMap's file, then the container's DGSERVE_* values.
+    assert load_config(served, environ=env).playground is False
+
+
 def test_cpu_overlay(rendered):
     container = _container(rendered["overlays/cpu"])
     assert container["image"].endswith(":cpu")
@@ -385,14 +396,21 @@ def test_dockerfile_installs_like_the_makefile():
     assert spec_match, "Makefile has no `TORCH_SPEC ?= ...` default"
     torch_spec = spec_match.group(1)
     installs = re.findall(r"^\t\$\(PY\) -m pip install (.+)$", makefile, re.M)
-    assert len(installs) == 2, f"expected the torch and the project install in the Makefile, got {installs}"
-    make_torch, make_project = installs
+    assert len(installs) == 3, f"expected the torch, project and test-extra installs in the Makefile, got {installs}"
+    make_torch, make_project, make_test = installs
     assert "$(TORCH_SPEC)" in make_torch
+    # `make serve` installs what serving needs; only the test targets add the test extra.
+    assert "[" not in make_project and make_test.endswith('-e ".[test]"')
+    serve_deps = re.search(r"^serve:(.*)$", makefile, re.M)
+    assert serve_deps and serve_deps.group(1).split() == ["install"]
+    for target in ("test", "lint"):
+        deps = re.search(rf"^{target}:(.*)$", makefile, re.M)
+        assert deps and "install-test" in deps.group(1).split(), f"make {target} must install the test extra"
 
     # The Dockerfile's versions of the same commands: the ARG instead of the make variable and
-    # a plain (non-editable, no test extra) install of the project.
+    # a plain (non-editable) install of the project.
     want_torch = "pip install " + make_torch.replace("$(TORCH_SPEC)", "${TORCH_SPEC}")
-    want_project = "pip install " + re.sub(r'-e\s+"?\.\[[^\]]*\]"?', ".", make_project)
+    want_project = "pip install " + re.sub(r"-e\s+\.$", ".", make_project)
     assert want_project != "pip install " + make_project, "Makefile project install changed shape"
 
     instructions = _dockerfile()
