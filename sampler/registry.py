@@ -21,7 +21,7 @@ SAMPLERS_FOR_KIND: dict[str, tuple[SamplerName, ...]] = {"causal": ("ar", "paral
 def _build_ar(loaded: LoadedModel, options: dict[str, Any]) -> BatchSampler:
     from sampler.ar import ARSampler
 
-    return ARSampler(loaded.model, loaded.device)
+    return ARSampler(loaded.model, loaded.device, **options)
 
 
 def _build_parallel(loaded: LoadedModel, options: dict[str, Any]) -> BatchSampler:

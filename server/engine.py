@@ -88,6 +88,7 @@ class Engine:
         self._stopping = False
         self.error: str | None = None
         self._thread = threading.Thread(target=self._run, name="dgserve-model", daemon=True)
+        metrics.watch_prefix_cache(self._prefix_cache_totals)
 
     # ---- handler side (asyncio loop) -------------------------------------------------
     def start(self) -> None:
@@ -139,6 +140,15 @@ class Engine:
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def _prefix_cache_totals(self) -> dict[str, int]:
+        """Summed over the samplers that keep a prefix cache (`prefix_cache_stats`); read at scrape time."""
+        totals: dict[str, int] = {}
+        for sampler in list(self.core.samplers.values()):
+            stats = getattr(sampler, "prefix_cache_stats", None)
+            for key, value in (vars(stats) if stats is not None else {}).items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
 
     # ---- model thread -----------------------------------------------------------------
     def _run(self) -> None:

@@ -6,10 +6,14 @@ Times are seconds from the monotonic clock. `generation_tokens` grows by exactly
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 MetricT = TypeVar("MetricT", bound=MetricWrapperBase)
 
@@ -45,6 +49,35 @@ _HISTOGRAMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
 }
 
 
+# The samplers' prefix-cache totals (sampler/runtime/prefix_cache.PrefixCacheStats): key: (name, help).
+_PREFIX_CACHE_COUNTERS: dict[str, tuple[str, str]] = {
+    "queries": ("dgserve_prefix_cache_queries", "Prompts looked up in the prefix cache."),
+    "hits": ("dgserve_prefix_cache_hits", "Prompts that reused at least one cached block."),
+    "query_tokens": ("dgserve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache."),
+    "reused_tokens": ("dgserve_prefix_cache_reused_tokens", "Prompt tokens whose KV came from the prefix cache."),
+    "evicted_blocks": ("dgserve_prefix_cache_evicted_blocks", "Prefix-cache blocks evicted (LRU, byte budget)."),
+}
+
+
+class _PrefixCacheCollector(Collector):
+    """Reads the totals at scrape time from `source` (the engine's samplers): the model thread
+    counts, so nothing is copied per step."""
+
+    def __init__(self, model_name: str, source: Callable[[], Mapping[str, int]]) -> None:
+        self.model_name = model_name
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self.source()
+        for key, (name, documentation) in _PREFIX_CACHE_COUNTERS.items():
+            counter = CounterMetricFamily(name, documentation, labels=["model_name"])
+            counter.add_metric([self.model_name], totals.get(key, 0))
+            yield counter
+        gauge = GaugeMetricFamily("dgserve_prefix_cache_bytes", "Bytes the prefix cache holds.", labels=["model_name"])
+        gauge.add_metric([self.model_name], totals.get("bytes_used", 0))
+        yield gauge
+
+
 class Metrics:
     # The histograms, declared for type checkers; __init__ builds them from _HISTOGRAMS.
     ttft: Histogram
@@ -74,6 +107,10 @@ class Metrics:
             self.request_success.labels(model_name, reason)
         self.running.labels(model_name).set(0)
         self.waiting.labels(model_name).set(0)
+
+    def watch_prefix_cache(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Export the prefix-cache totals `source()` returns (keys of PrefixCacheStats) on /metrics."""
+        self.registry.register(_PrefixCacheCollector(self.model_name, source))
 
     def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(name, documentation, ["model_name"], buckets=buckets, registry=self.registry)

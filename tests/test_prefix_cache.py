@@ -1,0 +1,163 @@
+"""The prefix cache: a prompt that starts like an earlier one reuses its KV and gets the tokens a
+fresh prefill gives (float32 greedy), across the sliding window; LRU under a byte budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sampler.ar import ARSampler
+from sampler.runtime.prefix_cache import PrefixCache, cache_from_blocks
+from sampler.types import SamplingParams
+from server.engine_core import run_to_completion
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def _tokens(sampler: ARSampler, prompt: list[int], params: SamplingParams = GREEDY) -> list[int]:
+    return run_to_completion(sampler, {"s": (prompt, params)}).tokens["s"]
+
+
+def _fake_block(value: float, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    t = torch.full((1, 1, size, 2), value)
+    return [(t, t.clone())]  # one layer; 2 x 4 x 2 float32 = 64 bytes
+
+
+def test_chained_hashes_reuse_only_whole_matching_prefixes():
+    cache = PrefixCache(budget_bytes=10_000, block_size=4)
+    prompt = list(range(1, 14))  # 3 full blocks + 1 token
+    cache.insert(prompt, lambda j: _fake_block(float(j)))
+    assert len(cache) == 3
+    # Same prompt: at most (13 - 1) // 4 = 3 blocks, one token left to compute.
+    assert [b[0][0][0, 0, 0, 0].item() for b in cache.lookup(prompt)] == [0.0, 1.0, 2.0]
+    # A prompt equal to the first 12 tokens reuses only 2 blocks (the 12th token needs a forward).
+    assert len(cache.lookup(prompt[:12])) == 2
+    # Same second block after a different first block: chained keys differ, nothing reused.
+    assert cache.lookup([99, 2, 3, 4] + prompt[4:]) == []
+    assert cache.stats.queries == 3 and cache.stats.hits == 2
+    assert cache.stats.reused_tokens == 12 + 8 and cache.stats.query_tokens == 13 + 12 + 13
+
+
+def test_lru_eviction_keeps_the_budget_and_drops_tails_first():
+    cache = PrefixCache(budget_bytes=5 * 64, block_size=4)
+    first, second = list(range(1, 13)), list(range(50, 62))
+    cache.insert(first, lambda j: _fake_block(1.0))
+    cache.insert(second, lambda j: _fake_block(2.0))  # 6 blocks of 64 bytes > 320
+    assert cache.stats.bytes_used <= 5 * 64 and cache.stats.evicted_blocks == 1
+    # The least recently used chain lost its tail, not its root: a prefix hit remains.
+    assert len(cache.lookup(first + [7])) == 2
+    assert len(cache.lookup(second + [7])) == 3
+    cache.insert(list(range(100, 120)), lambda j: _fake_block(3.0))  # 5 blocks: all else evicted
+    assert cache.stats.bytes_used == 5 * 64 and cache.lookup(first + [7]) == []
+
+
+def test_budget_zero_stores_nothing():
+    cache = PrefixCache(budget_bytes=0, block_size=4)
+    cache.insert(list(range(20)), lambda j: _fake_block(1.0))
+    assert len(cache) == 0 and cache.lookup(list(range(20))) == []
+
+
+def test_tiny_gemma_hit_equals_miss_across_the_sliding_window(tiny_loaded):
+    # The tiny model's window is 16 tokens and a block 16: the reused prefix (over 80 tokens)
+    # is 5x the window and more, so the sliding layers' reused columns matter.
+    model, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    history = tok("user: tell me about lists. model: a list holds items in order. " * 3)["input_ids"]
+    assert len(history) > 5 * 16
+    turn2 = history + tok(" user: and tuples?")["input_ids"]
+    warm = ARSampler(model, torch.device("cpu"))
+    first = _tokens(warm, history)
+    assert warm.prefix_cache is not None and warm.prefix_cache.stats.hits == 0
+    reused = _tokens(warm, turn2)
+    stats = warm.prefix_cache.stats
+    assert stats.hits == 1 and stats.reused_tokens == (len(history) // 16) * 16 > 16
+    assert reused == _tokens(ARSampler(model, torch.device("cpu"), prefix_cache_mb=0), turn2)
+    assert first == _tokens(ARSampler(model, torch.device("cpu"), prefix_cache_mb=0), history)
+    # Chunked after the hit (the rest of the prompt over several steps) and sampled: still the same.
+    chunked = ARSampler(model, torch.device("cpu"), max_prefill_tokens=5)
+    sampled = SamplingParams(max_tokens=24, temperature=0.8, seed=3)
+    _tokens(chunked, history)
+    assert _tokens(chunked, turn2, sampled) == _tokens(
+        ARSampler(model, torch.device("cpu"), prefix_cache_mb=0), turn2, sampled
+    )
+    assert chunked.prefix_cache is not None and chunked.prefix_cache.stats.hits == 1
+
+
+@torch.inference_mode()
+def test_tiny_gemma_resumed_logits_equal_a_full_prefill(tiny_loaded):
+    # Greedy tokens of a random tiny model hardly depend on single KV columns; the logits do.
+    model, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    history = tok("abcdefghijklmnopqrstuvwxyz0123456789 " * 3)["input_ids"]
+    turn2 = history + tok(" and then?")["input_ids"]
+    warm = ARSampler(model, torch.device("cpu"))
+    _tokens(warm, history)
+    assert warm.prefix_cache is not None
+    blocks = warm.prefix_cache.lookup(turn2)
+    reused = len(blocks) * 16
+    assert reused > 5 * 16
+    cache = cache_from_blocks(model.config, blocks)
+    suffix = torch.tensor([turn2[reused:]])
+    resumed = model(input_ids=suffix, position_ids=torch.arange(reused, len(turn2))[None], cache=cache).logits
+    full = model(input_ids=torch.tensor([turn2])).logits[:, reused:]
+    torch.testing.assert_close(resumed, full, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_gemma_hits_while_others_run(tiny_loaded):
+    # Hit and miss sequences joining a running batch: each gets its tokens alone.
+    model, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    base = tok("def area(r):\n    return 3.14159 * r * r\n\n" * 2)["input_ids"]
+    jobs = {
+        "a": (base + tok("def perimeter(r):")["input_ids"], GREEDY),
+        "b": (base + tok("print(area(2))")["input_ids"], GREEDY),
+        "c": (tok("Hello there")["input_ids"], GREEDY),
+    }
+    alone = {k: _tokens(ARSampler(model, torch.device("cpu"), prefix_cache_mb=0), p) for k, (p, _) in jobs.items()}
+    sampler = ARSampler(model, torch.device("cpu"))
+    _tokens(sampler, base + [5])
+    together = run_to_completion(sampler, jobs, join_at={"a": 0, "b": 3, "c": 1}).tokens
+    assert together == alone
+    assert sampler.prefix_cache is not None and sampler.prefix_cache.stats.hits == 2
+
+
+def test_scripted_models_run_without_a_prefix_cache():
+    from tests.fakes import ScriptedModel, counting_script
+
+    sampler = ARSampler(ScriptedModel(20, counting_script(20)), torch.device("cpu"))
+    assert sampler.prefix_cache is None and sampler.prefix_cache_stats is None
+
+
+@pytest.mark.slow
+def test_real_gemma_hit_equals_miss_past_the_512_window():
+    from sampler.runtime.loading import load_model
+
+    loaded = load_model("gemma3-270m", dtype="float32", device="cpu")
+    tok = loaded.tokenizer
+    story = "The old lighthouse keeper counted the ships that passed each night and wrote their names. "
+    history = tok(story * 40)["input_ids"]
+    assert len(history) > 600  # longer than the 512-token sliding window
+    turn2 = history + tok(" The next morning, the keeper")["input_ids"]
+    params = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=frozenset(loaded.eos_token_ids))
+    warm = ARSampler(loaded.model, loaded.device)
+    _tokens(warm, history, params)
+    hit = _tokens(warm, turn2, params)
+    assert warm.prefix_cache is not None and warm.prefix_cache.stats.reused_tokens > 512
+    miss = _tokens(ARSampler(loaded.model, loaded.device, prefix_cache_mb=0), turn2, params)
+    assert hit == miss, (tok.decode(hit), tok.decode(miss))
+
+
+def test_metrics_count_queries_hits_and_reused_tokens(tiny_server):
+    import httpx
+
+    def counter(name: str) -> float:
+        return tiny_server.metric(f"dgserve_prefix_cache_{name}_total")
+
+    before = {k: counter(k) for k in ("queries", "hits", "reused_tokens")}
+    history = "The tiny server remembers the start of this rather long prompt, block by block. " * 2
+    for prompt in (history, history + "And then it goes on."):
+        body = {"model": "tiny-gemma3", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        assert httpx.post(f"{tiny_server.base_url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert counter("queries") - before["queries"] == 2
+    assert counter("hits") - before["hits"] == 1
+    # Whole 16-token blocks of the first prompt (over 70 tokens) were reused.
+    reused = counter("reused_tokens") - before["reused_tokens"]
+    assert reused >= 64 and reused % 16 == 0
+    assert tiny_server.metric("dgserve_prefix_cache_bytes") > 0
