@@ -11,27 +11,46 @@ import time
 from types import FrameType
 
 from sampler.registry import SAMPLER_NAMES
+from server import __version__
 from server.config import ConfigError, ServerConfig, load_config
 
 log = logging.getLogger("dgserve")
 
 
+_SUBCOMMANDS = """subcommands:
+  (none)         serve: the OpenAI-compatible API, /metrics and the playground at http://HOST:PORT/
+  bench          AR against parallel refinement on a prompt file (dgserve bench --help)
+  bench-load     concurrent-load benchmark against a live server (dgserve bench-load --help)
+  bench-steps    cost of one forward by row count and kernel (dgserve bench-steps --help)
+
+Precedence: flags, then env vars DGSERVE_<KEY>, then the --config file, then the defaults shown.
+Every config key (README.md, "Configuration") can come from the file or the environment."""
+
+
+def _default(key: str) -> str:
+    """A config key's built-in default, for the help text (flags themselves default to None so a
+    config file's value is not overridden by a flag that was never given)."""
+    return f"(default: {ServerConfig.model_fields[key].default})"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dgserve",
-        description="OpenAI-compatible diffusion-style Gemma server. "
-        "Every config key can also come from an env var DGSERVE_<KEY>.",
+        description="OpenAI-compatible Gemma server with parallel-refinement and block-diffusion samplers.",
+        epilog=_SUBCOMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"dgserve {__version__}")
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--model", help="built-in name, .gguf file, local directory or hub id")
-    p.add_argument("--served-model-name", dest="served_model_name")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"])
-    p.add_argument("--device")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES)
-    p.add_argument("--api-key", dest="api_key")
-    p.add_argument("--log-level", dest="log_level")
+    p.add_argument("--host", help=_default("host"))
+    p.add_argument("--port", type=int, help=_default("port"))
+    p.add_argument("--model", help="built-in name, .gguf file, local directory or hub id " + _default("model"))
+    p.add_argument("--served-model-name", dest="served_model_name", help="the id clients send (default: --model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], help=_default("dtype"))
+    p.add_argument("--device", help=_default("device"))
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help=_default("sampler"))
+    p.add_argument("--api-key", dest="api_key", help=_default("api_key"))
+    p.add_argument("--log-level", dest="log_level", help=_default("log_level"))
     return p
 
 

@@ -404,3 +404,18 @@ def test_server_errors_show_status_and_retry_after(browser, xss_server):
     _send(browser, "Hello")
     _wait(lambda: "HTTP 400" in error.text, "the 400")
     assert "temperature" in error.text
+
+
+# ---- the command line a new user meets first ----
+
+
+def test_cli_version_and_help_list_subcommands_and_defaults(dgserve_cli):
+    from server import __version__
+
+    version = dgserve_cli("--version", timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"dgserve {__version__}"
+    shown = dgserve_cli("--help", timeout=60)
+    assert shown.returncode == 0
+    for subcommand in ("bench", "bench-load", "bench-steps"):
+        assert re.search(rf"^  {subcommand} ", shown.stdout, re.M), subcommand
+    assert "(default: 127.0.0.1)" in shown.stdout and "(default: 8000)" in shown.stdout
