@@ -10,8 +10,11 @@ forward). This measures those costs on the machine at hand, in process:
   the ceiling B x cost(1) / cost(B) that batching can reach before any prefill.
 * `block`: the decoder body (no LM head) over k new rows on a cached context of `--context`
   tokens, the shape of a parallel-refinement forward; best of `--repeats`.
+* `head`: the LM head alone at 1 and 16 rows (the largest weight; best of `--repeats`).
 
-Prints a table per dtype and writes JSON.
+Every table names the CPU's ISA flags, the dtype a mode loaded (with `auto`'s reason) and the
+kernels `cpu_gemm` chose per weight shape (docs/load.md, "Kernel choice"). Prints a table per
+mode (dtype x cpu_gemm) and writes JSON.
 """
 
 from __future__ import annotations
@@ -74,53 +77,109 @@ def _block_costs(loaded: Any, context: int, block_rows: list[int], repeats: int)
     return rows
 
 
+@torch.inference_mode()
+def _head_costs(loaded: Any, head_rows: list[int], repeats: int) -> list[dict[str, Any]]:
+    head = loaded.model.get_output_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    for k in head_rows:
+        x = torch.randn(k, head.in_features, generator=generator).to(device=loaded.device, dtype=loaded.dtype)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first call warms this shape up
+            start = time.perf_counter()
+            head(x)
+            best = min(best, time.perf_counter() - start)
+        rows.append({"rows": k, "ms": best * 1000})
+    return rows
+
+
+def _mode(loaded: Any, dtype: str, cpu_gemm: str) -> dict[str, Any]:
+    """What a mode ran with: the dtype loaded (and why, for `auto`) and the kernels chosen."""
+    from sampler.runtime.cpu_linear import kernel_summary
+    from sampler.runtime.loading import choose_dtype
+
+    return {
+        "requested_dtype": dtype,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype_reason": choose_dtype(dtype, loaded.device)[1],
+        "cpu_gemm": cpu_gemm,
+        "kernels": kernel_summary(loaded.model),
+        "device": str(loaded.device),
+    }
+
+
+def _print_mode(name: str, model: str, entry: dict[str, Any]) -> None:
+    print(f"\n{model} {name} on {entry['device']}, {torch.get_num_threads()} threads: {entry['dtype']}", end="")
+    print(f" ({entry['dtype_reason']}), cpu_gemm {entry['cpu_gemm']}")
+    for shape, plan in entry["kernels"].items():
+        print(f"  kernels {shape}: {plan}")
+    print(f"{'decode batch':>12} {'ms/step':>8} {'tok/s':>7} {'ceiling':>8}")
+    for r in entry["decode"]:
+        ceiling = f"{r['batching_ceiling']:.2f}x" if r["batching_ceiling"] else "-"
+        print(f"{r['batch']:>12} {r['ms_per_step']:>8.1f} {r['tokens_per_s']:>7.1f} {ceiling:>8}")
+    print(f"{'block rows':>12} {'body ms':>8} {'x 1 row':>7}")
+    for r in entry["block"]:
+        ratio = f"{r['vs_one_row']:.2f}" if r["vs_one_row"] else "-"
+        print(f"{r['rows']:>12} {r['ms']:>8.1f} {ratio:>7}")
+    print(f"{'head rows':>12} {'head ms':>8}")
+    for r in entry["head"]:
+        print(f"{r['rows']:>12} {r['ms']:>8.1f}")
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def run(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgserve bench-steps")
     p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to load (auto: what this CPU gets)")
+    p.add_argument("--cpu-gemm", default="", help="cpu_gemm modes, comma-separated (default: the config's)")
     p.add_argument("--batches", default="1,4,16", help="AR decode batch sizes")
     p.add_argument("--block-rows", default="1,2,4,8,17", help="new rows of a body forward")
+    p.add_argument("--head-rows", default="1,16", help="rows of an LM head call")
     p.add_argument("--steps", type=int, default=15, help="decode steps measured per batch size")
     p.add_argument("--context", type=int, default=200, help="cached tokens before a block forward")
     p.add_argument("--repeats", type=int, default=3, help="block forwards per row count (best kept)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", dest="json_out")
-    args = p.parse_args(argv)
+    return p
 
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+
+    from sampler.runtime.cpu_features import detect
     from sampler.runtime.loading import load_model
     from server.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_config(args.config)
+    cpu = detect()
+    gemms = [g for g in args.cpu_gemm.split(",") if g] or [config.cpu_gemm]
     report: dict[str, Any] = {
         "model": config.model,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu": {"isa": cpu.isa(), "torch_capability": cpu.capability},
         "dtypes": {},
     }
+    print(f"CPU: {cpu.describe()}; torch {torch.__version__}")
     for dtype in args.dtypes.split(","):
-        loaded = load_model(config.model, dtype=dtype, device=config.device, cpu_gemm=config.cpu_gemm)
-        if loaded.kind != "causal":
-            raise SystemExit(f"bench-steps measures causal models; {config.model} is a {loaded.kind} model")
-        prompt_ids = list(loaded.tokenizer("The history of the Roman empire is")["input_ids"])
-        decode = _decode_costs(loaded, prompt_ids, _ints(args.batches), args.steps)
-        block = _block_costs(loaded, args.context, _ints(args.block_rows), args.repeats)
-        report["dtypes"][dtype] = {"device": str(loaded.device), "decode": decode, "block": block}
-        print(f"\n{config.model} {dtype} on {loaded.device}, {torch.get_num_threads()} threads")
-        print(f"{'decode batch':>12} {'ms/step':>8} {'tok/s':>7} {'ceiling':>8}")
-        for r in decode:
-            ceiling = f"{r['batching_ceiling']:.2f}x" if r["batching_ceiling"] else "-"
-            print(f"{r['batch']:>12} {r['ms_per_step']:>8.1f} {r['tokens_per_s']:>7.1f} {ceiling:>8}")
-        print(f"{'block rows':>12} {'body ms':>8} {'x 1 row':>7}")
-        for r in block:
-            ratio = f"{r['vs_one_row']:.2f}" if r["vs_one_row"] else "-"
-            print(f"{r['rows']:>12} {r['ms']:>8.1f} {ratio:>7}")
-        del loaded
+        for gemm in gemms:
+            loaded = load_model(config.model, dtype=dtype, device=config.device, cpu_gemm=gemm)
+            if loaded.kind != "causal":
+                raise SystemExit(f"bench-steps measures causal models; {config.model} is a {loaded.kind} model")
+            prompt_ids = list(loaded.tokenizer("The history of the Roman empire is")["input_ids"])
+            entry = _mode(loaded, dtype, gemm)
+            entry["decode"] = _decode_costs(loaded, prompt_ids, _ints(args.batches), args.steps)
+            entry["block"] = _block_costs(loaded, args.context, _ints(args.block_rows), args.repeats)
+            entry["head"] = _head_costs(loaded, _ints(args.head_rows), args.repeats)
+            name = dtype if len(gemms) == 1 else f"{dtype}/{gemm}"
+            report["dtypes"][name] = entry
+            _print_mode(name, config.model, entry)
+            del loaded
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(report, indent=2))

@@ -24,6 +24,34 @@ def test_bench_steps_smoke(tmp_path, dgserve_cli):
     assert three["batching_ceiling"] > 0  # its arithmetic: test_decode_costs_on_a_scripted_clock
     assert report["block"][0]["vs_one_row"] == 1.0 and report["block"][1]["ms"] > 0
     assert "decode batch" in proc.stdout  # the table
+    # The CPU's flags and the kernels chosen, in the JSON and the table header.
+    from sampler.runtime.cpu_features import detect
+
+    data = json.loads(out.read_text())
+    assert data["cpu"]["isa"] == detect().isa()
+    assert proc.stdout.startswith(f"CPU: {detect().describe()}")
+    assert report["dtype"] == "float32" and report["dtype_reason"] == "configured"
+    assert report["cpu_gemm"] == "auto" and report["kernels"]
+    for shape, plan in report["kernels"].items():
+        assert f"kernels {shape}: {plan}" in proc.stdout
+    assert [r["rows"] for r in report["head"]] == [1, 16] and all(r["ms"] > 0 for r in report["head"])
+
+
+def test_bench_steps_modes_dtype_auto_and_cpu_gemm(tmp_path, dgserve_cli):
+    import torch
+
+    from sampler.runtime.loading import choose_dtype
+
+    out = tmp_path / "steps.json"
+    argv = "bench-steps --config configs/tiny.yaml --dtypes auto --cpu-gemm flags,native --batches 1 --block-rows 1"
+    proc = dgserve_cli(*argv.split(), "--head-rows", "2", "--steps", "1", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    modes = json.loads(out.read_text())["dtypes"]
+    assert set(modes) == {"auto/flags", "auto/native"}
+    expected, reason = choose_dtype("auto", torch.device("cpu"))
+    assert {m["dtype"] for m in modes.values()} == {str(expected).removeprefix("torch.")}
+    assert modes["auto/flags"]["dtype_reason"] == reason and reason in proc.stdout
+    assert modes["auto/flags"]["kernels"] and modes["auto/native"]["kernels"] == {}  # native: stock nn.Linear
 
 
 class ScriptedClock:
