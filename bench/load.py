@@ -41,16 +41,19 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    ttft, text, tokens = None, "", 0
+    ttft, text, tokens, text_chunks = None, "", 0, 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for chunk in aiter_sse_json(r.aiter_lines()):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
-                if choice["text"] and ttft is None:
+                if choice.get("text") and ttft is None:
                     ttft = time.perf_counter() - start
-                text += choice["text"]
+                text_chunks += bool(choice.get("text"))
+                text += choice.get("text") or ""
+    # A server that sends no usage (some llama-server builds) streams one token per chunk.
+    tokens = tokens or text_chunks
     return {"ttft_s": ttft or 0.0, "latency_s": time.perf_counter() - start, "tokens": tokens, "text": text}
 
 
@@ -207,6 +210,62 @@ def _peer_transformers_serve(
         )
 
 
+def llama_server_command(exe: str, gguf: Path, port: int, parallel: int, max_tokens: int) -> list[str]:
+    """llama.cpp's server on `gguf`: `parallel` slots (one per client of the top level), each
+    with room for a prompt and `max_tokens` (the context is split evenly between slots), and
+    the torch thread count dgserve runs with."""
+    import torch
+
+    per_slot = 1024 + max_tokens
+    return [
+        exe,
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(parallel),
+        "-c",
+        str(parallel * per_slot),
+        "-t",
+        str(torch.get_num_threads()),
+    ]
+
+
+def _peer_llama_server(
+    exe: str, gguf: Path, prompts: list[str], levels: list[int], max_tokens: int, requests_per_level: int
+) -> list[dict[str, Any]]:
+    """llama.cpp's `llama-server` at `exe` on the same GGUF, prompts and levels, started on a free
+    loopback port and stopped after the levels."""
+    port = free_port()
+    command = llama_server_command(exe, gguf, port, max(levels), max_tokens)
+    with LiveServer(command, port, ready_path="/health") as peer:
+        peer.wait_ready(timeout=600)
+        return _load_levels(peer.base_url, gguf.name, prompts, levels, max_tokens, requests_per_level, "llama-server")
+
+
+def _peer_gguf(config: Any) -> Path:
+    """The GGUF llama-server loads: the built-in model's assembled file, or the config's .gguf."""
+    from sampler.runtime.loading import builtin_gemma3_270m_gguf
+    from sampler.runtime.model import BUILTIN_GEMMA3_270M
+
+    if config.model == BUILTIN_GEMMA3_270M:
+        return builtin_gemma3_270m_gguf()
+    if str(config.model).endswith(".gguf"):
+        return Path(config.model).expanduser()
+    raise SystemExit(f"--peer-llama-server needs a GGUF model; {config.model} is not one")
+
+
+def _print_peer(name: str, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        print(
+            f"{name} @ {r['concurrency']}: {r['aggregate_tokens_per_s']:.1f} tok/s, "
+            f"ttft p50 {r['ttft_p50_s']:.3f} s, same text {r['texts_identical_to_first_level']}"
+        )
+
+
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dgserve bench-load")
     p.add_argument("--config", default="configs/default.yaml")
@@ -239,8 +298,14 @@ def run(argv: list[str]) -> int:
         action="store_true",
         help="also load-test `transformers serve --continuous-batching` on the same weights",
     )
+    p.add_argument(
+        "--peer-llama-server",
+        metavar="PATH",
+        help="also load-test llama.cpp's llama-server binary at PATH on the same GGUF",
+    )
     args = p.parse_args(argv)
 
+    from sampler.runtime.cpu_features import detect
     from server.config import load_config
 
     config = load_config(args.config, {"dtype": args.dtype, **({"sampler": args.sampler} if args.sampler else {})})
@@ -277,6 +342,11 @@ def run(argv: list[str]) -> int:
         peer_rows = _peer_transformers_serve(
             model_dir, args.dtype, prompts, levels, args.max_tokens, args.requests_per_level
         )
+    llama_rows: list[dict[str, Any]] = []
+    if args.peer_llama_server:
+        llama_rows = _peer_llama_server(
+            args.peer_llama_server, _peer_gguf(config), prompts, levels, args.max_tokens, args.requests_per_level
+        )
     single = next((r for r in rows if r["concurrency"] == 1), None)
     for r in rows:
         r["texts_identical_to_first_level"] = _same_texts(r, rows[0])
@@ -287,6 +357,7 @@ def run(argv: list[str]) -> int:
         "dtype": args.dtype,
         "max_tokens": args.max_tokens,
         "prompts": len(prompts),
+        "cpu": detect().isa(),
         "levels": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
         **overhead,
     }
@@ -294,10 +365,15 @@ def run(argv: list[str]) -> int:
         for r in peer_rows:
             r["texts_identical_to_first_level"] = _same_texts(r, peer_rows[0])
         out["peer_transformers_serve"] = [{k: v for k, v in r.items() if k != "texts"} for r in peer_rows]
+    for r in llama_rows:
+        r["texts_identical_to_first_level"] = _same_texts(r, llama_rows[0])
+    if llama_rows:
+        out["peer_llama_server"] = [{k: v for k, v in r.items() if k != "texts"} for r in llama_rows]
     if single:
         out["scaling_top_vs_single"] = top["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
+    print(f"\nCPU: {detect().describe()}; dgserve {args.config}, dtype {args.dtype}")
     print(
-        f"\n{'conc':>5} {'reqs':>5} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} "
+        f"{'conc':>5} {'reqs':>5} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} "
         f"{'lat p95':>8} {'same text':>9}"
     )
     for r in rows:
@@ -306,11 +382,8 @@ def run(argv: list[str]) -> int:
             f"{r['ttft_p95_s']:>9.3f} {r['latency_p50_s']:>8.2f} {r['latency_p95_s']:>8.2f} "
             f"{str(r['texts_identical_to_first_level']):>9}"
         )
-    for r in peer_rows:
-        print(
-            f"transformers serve @ {r['concurrency']}: {r['aggregate_tokens_per_s']:.1f} tok/s, "
-            f"ttft p50 {r['ttft_p50_s']:.3f} s, same text {r['texts_identical_to_first_level']}"
-        )
+    _print_peer("transformers serve", peer_rows)
+    _print_peer("llama-server", llama_rows)
     print(
         f"HTTP overhead, one client, alternating prompt by prompt with the in-process {config.sampler} sampler: "
         f"{out['http_single_client_tokens_per_s']:.1f} vs {out['in_process_tokens_per_s']:.1f} tok/s "

