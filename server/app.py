@@ -11,7 +11,7 @@ from server.config import ServerConfig
 from server.error_responses import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import LimitsAndAuth
-from server.routes import completions, models, playground, probes
+from server.routes import completions, models, playground, probes, responses
 from server.startup import lifespan
 from server.state import ServerState
 
@@ -32,7 +32,7 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
             allow_credentials=False,
         )
     install_error_handlers(app)
-    for group in (probes, models, completions):
+    for group in (probes, models, completions, responses):
         app.include_router(group.router)
     if config.playground:
         app.include_router(playground.router)

@@ -93,33 +93,54 @@ class SamplingDefaults(Protocol):
     top_k: int
 
 
-class _SamplingFields(_Strict):
-    """Fields shared by both endpoints, including dgserve's extensions."""
-
-    # The request field that holds the prompt, named in context-length errors.
-    prompt_param: ClassVar[str]
+class Extensions(_Strict):
+    """Every endpoint's model, temperature and top_p, and dgserve's sampling extensions (the
+    Responses API takes them too)."""
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
     seed: int | None = None
+    sampler: SamplerName | None = None
+    steps: int | None = Field(None, ge=1)
+    entropy_bound: float | None = Field(None, gt=0.0)
+    t_min: float | None = Field(None, ge=0.0)
+    t_max: float | None = Field(None, ge=0.0)
+    stability_threshold: int | None = Field(None, ge=0)
+    confidence_threshold: float | None = Field(None, ge=0.0)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int | None) -> int | None:
+        if value is not None and not (-(2**63) <= value < 2**64):
+            raise ValueError("seed must fit in 64 bits")
+        return value
+
+    def unsupported_parameters(self) -> list[str]:
+        """Names of set OpenAI parameters whose value asks for something not implemented."""
+        bad = []
+        for name, info in type(self).model_fields.items():
+            noop = next((m for m in info.metadata if isinstance(m, NoOp)), None)
+            if noop is not None and name in self.model_fields_set and getattr(self, name) not in noop.values:
+                bad.append(name)
+        return bad
+
+
+class _SamplingFields(Extensions):
+    """Fields shared by both endpoints."""
+
+    # The request field that holds the prompt, named in context-length errors.
+    prompt_param: ClassVar[str]
+
+    max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     # Strict: the string "yes" is not a boolean (pydantic's lax mode would take it as true).
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Extensions.
-    sampler: SamplerName | None = None
-    steps: int | None = Field(None, ge=1)
-    stream_refinements: StrictBool = False
-    entropy_bound: float | None = Field(None, gt=0.0)
-    t_min: float | None = Field(None, ge=0.0)
-    t_max: float | None = Field(None, ge=0.0)
-    stability_threshold: int | None = Field(None, ge=0)
-    confidence_threshold: float | None = Field(None, ge=0.0)
+    stream_refinements: StrictBool = False  # extension
     logprobs: Annotated[Any, NoOp(None, False)] = None
     top_logprobs: Annotated[Any, NoOp(None, 0)] = None
     frequency_penalty: Annotated[Any, NoOp(None, 0, 0.0)] = None
@@ -136,26 +157,10 @@ class _SamplingFields(_Strict):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    @field_validator("seed")
-    @classmethod
-    def _seed_range(cls, value: int | None) -> int | None:
-        if value is not None and not (-(2**63) <= value < 2**64):
-            raise ValueError("seed must fit in 64 bits")
-        return value
-
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    def unsupported_parameters(self) -> list[str]:
-        """Names of set OpenAI parameters whose value asks for something not implemented."""
-        bad = []
-        for name, info in type(self).model_fields.items():
-            noop = next((m for m in info.metadata if isinstance(m, NoOp)), None)
-            if noop is not None and name in self.model_fields_set and getattr(self, name) not in noop.values:
-                bad.append(name)
-        return bad
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -44,14 +44,18 @@ async def stream_job(
                 yield sse(formatter.finish_chunk(job, update.index, update.finish_reason))
         if job.include_usage:
             yield sse(formatter.usage_chunk(job, choices))
-    except APIError as exc:
-        state.metrics.request_errors.labels(state.metrics.model_name, exc.code or str(exc.status)).inc()
-        yield sse(exc.body(), event="error")
     except Exception as exc:  # never leave a client hanging on a half-open stream
-        log.exception("stream %s failed", job.request_id)
-        state.metrics.request_errors.labels(state.metrics.model_name, "internal_error").inc()
-        yield sse(APIError(500, f"generation failed: {exc}", type="server_error").body(), event="error")
+        yield sse(stream_failure(exc, job, state).body(), event="error")
     yield sse("[DONE]")
+
+
+def stream_failure(exc: Exception, job: Job, state: ServerState) -> APIError:
+    """The error a stream reports after its first byte (an APIError, or a 500), counted in metrics."""
+    if not isinstance(exc, APIError):
+        log.error("stream %s failed", job.request_id, exc_info=exc)
+        exc = APIError(500, f"generation failed: {exc}", type="server_error", code="internal_error")
+    state.metrics.request_errors.labels(state.metrics.model_name, exc.code or str(exc.status)).inc()
+    return exc
 
 
 async def complete_job(
@@ -62,21 +66,33 @@ async def complete_job(
     return formatter.response(job, choices)
 
 
-async def serve(
-    raw_request: Request, body: ChatCompletionRequest | CompletionRequest, formatter: ResponseFormatter
-) -> Response:
+async def start_job(
+    raw_request: Request, body: ChatCompletionRequest | CompletionRequest, request_id: str
+) -> tuple[ServerState, Job, list[Choice]]:
+    """Build the request's job and submit its choices to the engine."""
     state: ServerState = raw_request.app.state.dg
     # Templating and tokenizing a body of up to max_request_bytes must not stall other streams.
     loop = asyncio.get_running_loop()
-    job = await loop.run_in_executor(state.prompt_executor, build_job, body, state, formatter.new_request_id())
-    choices = start_choices(job, state)
+    job = await loop.run_in_executor(state.prompt_executor, build_job, body, state, request_id)
+    return state, job, start_choices(job, state)
+
+
+def event_stream(lines: AsyncIterator[str], choices: list[Choice]) -> StreamWithCleanup:
+    """An SSE response of `lines` that frees the choices' engine sequences however it ends."""
+    return StreamWithCleanup(
+        lines,
+        cleanup=lambda: cancel_unfinished(choices),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def serve(
+    raw_request: Request, body: ChatCompletionRequest | CompletionRequest, formatter: ResponseFormatter
+) -> Response:
+    state, job, choices = await start_job(raw_request, body, formatter.new_request_id())
     if job.stream:
-        return StreamWithCleanup(
-            stream_job(job, choices, state, formatter),
-            cleanup=lambda: cancel_unfinished(choices),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_stream(stream_job(job, choices, state, formatter), choices)
     return JSONResponse(await complete_job(job, choices, state, formatter))
 
 
