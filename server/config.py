@@ -52,7 +52,8 @@ class ServerConfig(BaseModel):
     playground: bool = True
 
     # Engine limits.
-    max_num_seqs: int = Field(8, ge=1)
+    # 16: measured in process on the 2-core CPU, 16 clients (docs/load.md, "Prefill under load").
+    max_num_seqs: int = Field(16, ge=1)
     max_queue: int = Field(64, ge=1)
     max_model_len: int | None = Field(None, ge=16)
     default_max_tokens: int = Field(512, ge=1)
@@ -68,6 +69,8 @@ class ServerConfig(BaseModel):
 
     # Sampler-specific defaults, passed as keyword arguments to the sampler's constructor; each
     # key is the name of its sampler (sampler/registry.py).
+    # `ar`: max_prefill_tokens, prefix_cache_mb (0 = off), prefix_block_size (docs/load.md).
+    ar: dict[str, Any] = {}
     parallel: dict[str, Any] = {}
     diffusion: dict[str, Any] = {}
 

@@ -78,3 +78,16 @@ def test_seeded_sampling_reproducible_and_batch_invariant(tiny_loaded):
         },
     ).tokens["me"]
     assert got == alone
+
+
+def test_config_ar_options_reach_the_sampler(tiny_loaded):
+    from sampler.registry import build_sampler
+    from server.config import ServerConfig
+
+    cfg = ServerConfig(model="tiny-gemma3", ar={"prefix_cache_mb": 0, "max_prefill_tokens": 64})
+    sampler = build_sampler("ar", tiny_loaded, cfg.sampler_options("ar"))
+    assert isinstance(sampler, ARSampler)
+    assert sampler.prefix_cache is None and sampler.max_prefill_tokens == 64
+    assert ServerConfig().max_num_seqs == 16
+    default = build_sampler("ar", tiny_loaded, ServerConfig().sampler_options("ar"))
+    assert isinstance(default, ARSampler) and default.prefix_cache is not None
