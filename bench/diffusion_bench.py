@@ -189,7 +189,7 @@ def _plot(runs: list[dict[str, Any]], path: str) -> None:
 
 def run(argv: list[str]) -> int:
     args, _unknown = _parser().parse_known_args(argv)  # `dgserve bench` may pass refine's flags
-    from sampler.runtime.loading import resolve_device, resolve_dtype
+    from sampler.runtime.loading import choose_dtype, resolve_device
     from sampler.runtime.tiny_diffusion import build_tiny_diffusion
 
     device_name, dtype_name = args.device, args.dtype
@@ -199,7 +199,7 @@ def run(argv: list[str]) -> int:
         config = load_config(args.config)
         device_name, dtype_name = device_name or config.device, dtype_name or config.dtype
     device = resolve_device(device_name or "cpu")
-    dtype = resolve_dtype(dtype_name or "float32")
+    dtype, _reason = choose_dtype(dtype_name or "float32", device)
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = _Clock(device)
