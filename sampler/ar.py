@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from sampler.logits import sample_tokens
+from sampler.logprobs import prompt_logprobs, token_logprobs
 from sampler.runtime.kv_batch import KVBatch
 from sampler.runtime.prefix_cache import PrefixCache, PrefixCacheStats, cache_from_blocks, new_cache, row_block
 from sampler.sequence import check_prompt, commit_token, resolve_seed
-from sampler.types import SamplingParams, StepEvent
+from sampler.types import SamplingParams, StepEvent, TokenLogprob
 
 
 @dataclass
@@ -36,6 +37,8 @@ class _Sequence:
     filled: int = 0
     forwards: int = 0  # prefill forwards so far, reported with the first token
     joined: bool = False  # in the decode batch
+    # echo: logprobs of prompt tokens 1.. (token 0 has no context), filled chunk by chunk.
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def next_position(self) -> int:
@@ -112,7 +115,8 @@ class ARSampler:
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt(prompt_ids)
         seq = _Sequence(list(prompt_ids), params, resolve_seed(params))
-        if self.prefix_cache is not None:
+        # A prompt to score must run through the model whole: a cached prefix has no logits.
+        if self.prefix_cache is not None and params.prompt_logprobs is None:
             blocks = self.prefix_cache.lookup(seq.prompt_ids)
             if blocks:
                 seq.cache = cache_from_blocks(self._config, blocks)
@@ -149,7 +153,9 @@ class ARSampler:
         width = 0
         for seq_id, seq in waiting:
             n = len(seq.prompt_ids)
-            if seq.filled == 0 and (len(group) + 1) * max(width, n) <= self.max_prefill_tokens:
+            # Prompts to score prefill alone (`_prefill_chunk`): only they need every row's logits.
+            scoring = seq.params.prompt_logprobs is not None
+            if not scoring and seq.filled == 0 and (len(group) + 1) * max(width, n) <= self.max_prefill_tokens:
                 group.append((seq_id, seq))
                 width = max(width, n)
         return group
@@ -209,13 +215,18 @@ class ARSampler:
         start = seq.filled
         if seq.cache is None:
             seq.cache = new_cache(self._config, record=self.prefix_cache is not None)
+        scoring = seq.params.prompt_logprobs
         out = self.model(
             input_ids=torch.tensor([seq.prompt_ids[start : start + n]], device=self.device),
             position_ids=torch.arange(start, start + n, device=self.device)[None],
             cache=seq.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if scoring is not None else 1,  # 0: every row (echo scores the prompt)
         )
+        if scoring is not None:
+            # Row i (position start + i) predicts prompt token start + i + 1: (n, V) -> n scores.
+            targets = seq.prompt_ids[start + 1 : start + n + 1]
+            seq.prompt_scores += prompt_logprobs(out.logits[0], targets, scoring)
         seq.cache, seq.filled, seq.forwards = out.cache, start + n, seq.forwards + 1
         if seq.filled < len(seq.prompt_ids):
             return None
@@ -231,6 +242,14 @@ class ARSampler:
         size = self.prefix_cache.block_size
         self.prefix_cache.insert(seq.prompt_ids, lambda j: row_block(cache, row, offset + j * size, size))
 
+    @staticmethod
+    def _commit(seq: _Sequence, token: int, logits: torch.Tensor) -> StepEvent:
+        """Commit `token`, drawn from (1, V) `logits`; its logprob only if the request asked."""
+        event = commit_token(seq.generated, token, seq.params)
+        if seq.params.logprobs is not None and event.token_ids:
+            event.logprobs = token_logprobs(logits, event.token_ids, seq.params.logprobs)
+        return event
+
     def step(self) -> dict[str, StepEvent]:
         events: dict[str, StepEvent] = {}
         # Rows already in the batch decode together; then newcomers prefill within the budget
@@ -239,13 +258,18 @@ class ARSampler:
         if rows:
             logits = self._decode()
             seqs = [self._seqs[s] for s in rows]
-            for seq_id, seq, token in zip(rows, seqs, sample_rows(logits, seqs), strict=True):
-                events[seq_id] = commit_token(seq.generated, token, seq.params)
+            for i, (seq_id, seq, token) in enumerate(zip(rows, seqs, sample_rows(logits, seqs), strict=True)):
+                events[seq_id] = self._commit(seq, token, logits[i : i + 1])
                 events[seq_id].forward_passes = 1
         for seq_id, last in self._prefill_some().items():
             seq = self._seqs[seq_id]
-            events[seq_id] = commit_token(seq.generated, sample_rows(last[None], [seq])[0], seq.params)
+            if seq.params.max_tokens == 0:  # echo scoring only: the prompt's forward was all
+                events[seq_id] = StepEvent(finish_reason="length")
+            else:
+                events[seq_id] = self._commit(seq, sample_rows(last[None], [seq])[0], last[None])
             events[seq_id].forward_passes = seq.forwards
+            if seq.params.prompt_logprobs is not None:
+                events[seq_id].prompt_logprobs = [None, *seq.prompt_scores]
         finished = {s for s, e in events.items() if e.finish_reason is not None}
         for seq_id in finished:
             del self._seqs[seq_id]

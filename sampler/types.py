@@ -50,10 +50,27 @@ class SamplingParams:
     # to another sampler at admission, see server/scheduler.py).
     parallel: ParallelOptions = ParallelOptions()
     diffusion: DiffusionOptions = DiffusionOptions()
+    # Log-probabilities (docs/openai.md, "Logprobs"): None = off, and then nothing is computed.
+    # k >= 0: each generated token's logprob plus its k most likely alternatives.
+    logprobs: int | None = None
+    # k >= 0: score the prompt too (echo): each prompt token's logprob given the tokens before
+    # it, plus k alternatives. Only the `ar` sampler scores prompts (in its prefill forward).
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model's distribution at its position (the
+    log-softmax of the raw logits, before temperature / top-k / top-p), and the `top` most
+    likely tokens there as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -72,6 +89,11 @@ class StepEvent:
     refinement_step: int | None = None
     # Set when a block-diffusion block commits: how many denoising steps it took.
     denoising_steps: int | None = None
+    # When the request asked for logprobs: one entry per token of `token_ids`, in order.
+    logprobs: list[TokenLogprob] | None = None
+    # When it asked to score the prompt: one entry per prompt token, the first None (nothing
+    # precedes it); sent once, with the sequence's first event.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class BatchSampler(Protocol):

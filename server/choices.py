@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from sampler.types import StepEvent
+from sampler.types import StepEvent, TokenLogprob
 from server.detok import IncrementalDetokenizer
 from server.engine import EngineRequest, RequestStream
 from server.errors import APIError
@@ -23,12 +23,47 @@ log = logging.getLogger("dgserve.serving")
 
 
 @dataclass
+class TokenEntry:
+    """One token as the logprobs fields show it: its text in the output (the detokenizer's
+    attribution, so the texts of a choice's tokens join into its text; a token that ends inside
+    a UTF-8 character has "" and the one completing it the whole character), its logprob (None:
+    an echoed prompt's first token) and the alternatives as (standalone text, logprob)."""
+
+    text: str
+    logprob: float | None
+    top: list[tuple[str, float]]
+    offset: int  # where `text` starts in the choice's text (echoed prompt included)
+
+
+class TokenTexts:
+    """Per-token text and alternatives of one token stream (the project's detokenizer, fed one
+    token at a time, decides each token's share of the text)."""
+
+    def __init__(self, tokenizer: Any, offset: int = 0) -> None:
+        self._tokenizer = tokenizer
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self.offset = offset  # the next token's text starts here in the choice's text
+
+    def entry(self, token_id: int, scored: TokenLogprob | None) -> TokenEntry:
+        text = self._detok.add([token_id])
+        start, self.offset = self.offset, self.offset + len(text)
+        if scored is None:
+            return TokenEntry(text, None, [], start)
+        top = [(self._tokenizer.decode([t]), lp) for t, lp in scored.top]
+        return TokenEntry(text, scored.logprob, top, start)
+
+
+@dataclass
 class Choice:
     """One generated choice: its engine stream, detokenizer and running counts."""
 
     index: int
     stream: RequestStream
     detok: IncrementalDetokenizer
+    # With logprobs: each generated token's entry (`tokens` of them count, after a stop string).
+    texts: TokenTexts | None = None
+    entries: list[TokenEntry] | None = None
+    echo_entries: list[TokenEntry] | None = None  # echo with logprobs: the prompt's, first
     text: str = ""
     finish_reason: str | None = None
     tokens: int = 0
@@ -47,6 +82,7 @@ class Update:
     text: str = ""
     finish_reason: str | None = None
     draft: Refinement | None = None
+    entries: list[TokenEntry] | None = None  # the tokens' logprob entries (requests with logprobs)
 
 
 def start_choices(job: Job, state: ServerState) -> list[Choice]:
@@ -67,7 +103,14 @@ def start_choices(job: Job, state: ServerState) -> list[Choice]:
     ]
     engine.submit_many(requests)
     return [
-        Choice(i, RequestStream(engine, r), IncrementalDetokenizer(tokenizer, job.stop)) for i, r in enumerate(requests)
+        Choice(
+            i,
+            RequestStream(engine, r),
+            IncrementalDetokenizer(tokenizer, job.stop),
+            texts=TokenTexts(tokenizer) if job.logprobs else None,
+            entries=[] if job.logprobs else None,
+        )
+        for i, r in enumerate(requests)
     ]
 
 
@@ -108,6 +151,29 @@ def _observe_delivery(choice: Choice, job: Job, metrics: Metrics, now: float, la
         metrics.label(metrics.itl).observe(gap)
 
 
+def _echo(choice: Choice, job: Job, event: StepEvent, tokenizer: Any) -> Update:
+    """The echoed prompt, as the first update: its text and, when scored, its entries."""
+    prompt = job.prompts[choice.index // job.n]
+    texts = TokenTexts(tokenizer)
+    scores = event.prompt_logprobs or [None] * len(prompt)
+    entries = [texts.entry(t, lp) for t, lp in zip(prompt, scores, strict=True)]
+    if job.logprobs and choice.texts is not None:
+        choice.echo_entries = entries
+        choice.texts.offset = texts.offset  # generated tokens follow the echoed text
+    return Update(choice.index, text="".join(e.text for e in entries), entries=entries if job.logprobs else None)
+
+
+def _entries(choice: Choice, event: StepEvent) -> list[TokenEntry] | None:
+    """Entries of the event's tokens that count (a stop string ends the choice mid-event)."""
+    if choice.texts is None or choice.entries is None:
+        return None
+    scores = event.logprobs or []
+    new = [choice.texts.entry(t, lp) for t, lp in zip(event.token_ids, scores, strict=True)]
+    new = new[: max(choice.tokens - len(choice.entries), 0)]
+    choice.entries += new
+    return new
+
+
 def _draft(choice: Choice, event: StepEvent, tokenizer: Any) -> Refinement | None:
     if event.draft_ids is None:
         return None
@@ -120,16 +186,21 @@ async def _run_choice(choice: Choice, job: Job, state: ServerState) -> AsyncIter
     assert state.loaded is not None
     metrics, tokenizer = state.metrics, state.loaded.tokenizer
     last_delivery = job.arrival
+    first = True
     while choice.finish_reason is None:
         event = await _next_event(choice, job, state.config.request_timeout_s)
         now = time.monotonic()
         _count(choice, event, metrics)
-        update = Update(choice.index)
+        update = _echo(choice, job, event, tokenizer) if first and job.echo else Update(choice.index)
+        first = False
         if event.token_ids:
             _observe_delivery(choice, job, metrics, now, last_delivery, len(event.token_ids))
             last_delivery = now
-            update.text = choice.detok.add(event.token_ids)
+            update.text += choice.detok.add(event.token_ids)
             choice.tokens = choice.detok.num_tokens
+            new = _entries(choice, event)
+            if new is not None:
+                update.entries = (update.entries or []) + new
         if choice.detok.stopped:
             choice.stream.cancel()  # the stop string ended it; free the sequence now
             choice.finish_reason = "stop"
@@ -140,7 +211,7 @@ async def _run_choice(choice: Choice, job: Job, state: ServerState) -> AsyncIter
             update.draft = _draft(choice, event, tokenizer)
         update.finish_reason = choice.finish_reason
         choice.text += update.text
-        if update.text or update.finish_reason or update.draft:
+        if update.text or update.finish_reason or update.draft or update.entries:
             yield update
     choice.finished_at = time.monotonic()
 

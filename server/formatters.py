@@ -8,7 +8,7 @@ import uuid
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from server.choices import Choice, served_by
+from server.choices import Choice, TokenEntry, served_by
 from server.jobs import Job
 from server.protocol import (
     AssistantMessage,
@@ -16,14 +16,60 @@ from server.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
     Refinement,
     Timings,
+    TopLogprob,
     Usage,
 )
+
+# JSON has no -inf: a probability that underflows float32 is reported as this (vLLM's floor).
+_LOGPROB_FLOOR = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, _LOGPROB_FLOOR)
+
+
+def chat_logprobs(entries: list[TokenEntry] | None) -> ChatLogprobs | None:
+    """OpenAI's `choices[].logprobs` of a chat choice or chunk; None when not asked."""
+    if entries is None:
+        return None
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=e.text,
+                logprob=_finite(e.logprob if e.logprob is not None else 0.0),
+                bytes=list(e.text.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=_finite(lp), bytes=list(t.encode("utf-8"))) for t, lp in e.top
+                ],
+            )
+            for e in entries
+        ]
+    )
+
+
+def completion_logprobs(entries: list[TokenEntry] | None) -> CompletionLogprobs | None:
+    """The legacy parallel lists; an echoed prompt's first token has null logprob and alternatives."""
+    if entries is None:
+        return None
+    return CompletionLogprobs(
+        tokens=[e.text for e in entries],
+        token_logprobs=[None if e.logprob is None else _finite(e.logprob) for e in entries],
+        # As OpenAI's legacy API: the k alternatives and always the chosen token (up to k + 1 keys).
+        top_logprobs=[
+            None if e.logprob is None else {**{t: _finite(lp) for t, lp in e.top}, e.text: _finite(e.logprob)}
+            for e in entries
+        ],
+        text_offset=[e.offset for e in entries],
+    )
 
 
 def usage(job: Job, choices: list[Choice]) -> Usage:
@@ -82,8 +128,11 @@ class ResponseFormatter(ABC):
         """A finished choice in the response body."""
 
     @abstractmethod
-    def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> Any:
-        """One choice of a chunk; `text` None is a chunk that carries no text."""
+    def _chunk_choice(
+        self, index: int, text: str | None, finish_reason: str | None, entries: list[TokenEntry] | None = None
+    ) -> Any:
+        """One choice of a chunk; `text` None is a chunk that carries no text; `entries` its
+        tokens' logprobs (requests with logprobs)."""
 
     def opening_chunks(self, job: Job, choices: list[Choice]) -> list[dict[str, Any]]:
         """Chunks sent before any text."""
@@ -101,8 +150,8 @@ class ResponseFormatter(ABC):
         # `usage` is null on each chunk only for a client that asked for it (stream_options).
         return chunk.model_dump(exclude=None if job.include_usage else {"usage"})
 
-    def text_chunk(self, job: Job, index: int, text: str) -> dict[str, Any]:
-        return self._chunk(job, [self._chunk_choice(index, text, None)])
+    def text_chunk(self, job: Job, index: int, text: str, entries: list[TokenEntry] | None = None) -> dict[str, Any]:
+        return self._chunk(job, [self._chunk_choice(index, text, None, entries)])
 
     def finish_chunk(self, job: Job, index: int, finish_reason: str) -> dict[str, Any]:
         return self._chunk(job, [self._chunk_choice(index, None, finish_reason)])
@@ -121,10 +170,14 @@ class ChatFormatter(ResponseFormatter):
 
     def _choice(self, choice: Choice) -> ChatChoice:
         message = AssistantMessage(content=choice.text)
-        return ChatChoice(index=choice.index, message=message, finish_reason=choice.finish_reason)
+        logprobs = chat_logprobs(choice.entries)
+        return ChatChoice(index=choice.index, message=message, finish_reason=choice.finish_reason, logprobs=logprobs)
 
-    def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> ChatChunkChoice:
-        return ChatChunkChoice(index=index, delta=DeltaMessage(content=text), finish_reason=finish_reason)
+    def _chunk_choice(
+        self, index: int, text: str | None, finish_reason: str | None, entries: list[TokenEntry] | None = None
+    ) -> ChatChunkChoice:
+        delta = DeltaMessage(content=text)
+        return ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=chat_logprobs(entries))
 
     def opening_chunks(self, job: Job, choices: list[Choice]) -> list[dict[str, Any]]:
         """Each choice's first chunk names the assistant role, with empty content."""
@@ -141,7 +194,16 @@ class CompletionFormatter(ResponseFormatter):
     chunk_type = CompletionChunk
 
     def _choice(self, choice: Choice) -> CompletionChoice:
-        return CompletionChoice(index=choice.index, text=choice.text, finish_reason=choice.finish_reason)
+        entries = None if choice.entries is None else (choice.echo_entries or []) + choice.entries
+        return CompletionChoice(
+            index=choice.index,
+            text=choice.text,
+            finish_reason=choice.finish_reason,
+            logprobs=completion_logprobs(entries),
+        )
 
-    def _chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> CompletionChoice:
-        return CompletionChoice(index=index, text=text or "", finish_reason=finish_reason)
+    def _chunk_choice(
+        self, index: int, text: str | None, finish_reason: str | None, entries: list[TokenEntry] | None = None
+    ) -> CompletionChoice:
+        logprobs = completion_logprobs(entries)
+        return CompletionChoice(index=index, text=text or "", finish_reason=finish_reason, logprobs=logprobs)

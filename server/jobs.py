@@ -38,6 +38,8 @@ class Job:
     want_drafts: bool
     n: int
     system_fingerprint: str  # the backend that shaped the output: version, sampler, dtype
+    logprobs: bool = False  # each generated token's logprob is reported (params say how many alternatives)
+    echo: bool = False  # completions: the prompt's text (and, with logprobs, its scores) comes first
     arrival: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -62,7 +64,30 @@ def _check_common(req: Request, state: ServerState) -> None:
         raise bad_request("stream_refinements needs stream: true", param="stream_refinements")
 
 
+def _check_logprobs(req: Request, loaded: LoadedModel) -> None:
+    """What the logprob and echo fields ask must be servable (docs/openai.md, "Logprobs")."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        return
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("max_tokens 0 generates nothing; it is allowed only with echo: true", param="max_tokens")
+    if _scores_prompt(req) and loaded.kind != "causal":
+        raise bad_request(
+            "echo with logprobs or max_tokens 0 scores the prompt, which needs a causal model; "
+            "a block-diffusion model has no left-to-right prompt distribution",
+            param="echo",
+        )
+
+
+def _scores_prompt(req: Request) -> bool:
+    """Echo scoring (or generating nothing) runs on `ar`: its prefill forward scores the prompt."""
+    return isinstance(req, CompletionRequest) and bool(req.echo) and (req.logprobs is not None or req.max_tokens == 0)
+
+
 def _sampler_for(req: Request, loaded: LoadedModel, configured: str) -> str:
+    if _scores_prompt(req):
+        return "ar"  # seeded tokens are the ones parallel would commit (docs/parallel.md)
     name = req.sampler or configured
     allowed = SAMPLERS_FOR_KIND[loaded.kind]
     if name not in allowed:
@@ -77,7 +102,12 @@ def _busy_sampler_for(req: Request, loaded: LoadedModel, configured: str | None)
 
     A client watching refinements keeps the refining sampler (AR has no drafts to show).
     """
-    if req.sampler is not None or req.stream_refinements or configured not in SAMPLERS_FOR_KIND[loaded.kind]:
+    if (
+        req.sampler is not None
+        or req.stream_refinements
+        or _scores_prompt(req)
+        or configured not in SAMPLERS_FOR_KIND[loaded.kind]
+    ):
         return None
     return configured
 
@@ -116,13 +146,15 @@ def _max_tokens(req: Request, state: ServerState, prompt_len: int) -> int:
     """The completion budget: the request's, else the config default, within the context left."""
     context = state.max_context
     room = context - prompt_len
-    if room < 1:
+    if room < (0 if req.requested_max_tokens() == 0 else 1):
         raise bad_request(
             f"This model's maximum context length is {context} tokens; the prompt has {prompt_len}.",
             param=req.prompt_param,
             code="context_length_exceeded",
         )
     requested = req.requested_max_tokens()
+    if requested == 0:  # echo scoring: the prompt alone
+        return 0
     if requested is None:
         return min(state.config.default_max_tokens, room)
     if requested > room:
@@ -139,6 +171,7 @@ def _max_tokens(req: Request, state: ServerState, prompt_len: int) -> int:
 def build_job(req: Request, state: ServerState, request_id: str) -> Job:
     _check_common(req, state)
     loaded = state.ready_model()
+    _check_logprobs(req, loaded)
     if isinstance(req, ChatCompletionRequest):
         prompts, stop_ids = _chat_prompts(req, loaded)
     else:
@@ -172,6 +205,8 @@ def build_job(req: Request, state: ServerState, request_id: str) -> Job:
         want_drafts=req.stream_refinements,
         n=n,
         system_fingerprint=fingerprint(sampler, str(loaded.dtype).removeprefix("torch.")),
+        logprobs=req.logprob_counts()[0] is not None,
+        echo=isinstance(req, CompletionRequest) and bool(req.echo),
     )
 
 

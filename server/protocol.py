@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     StrictBool,
+    StrictInt,
     field_validator,
     model_serializer,
     model_validator,
@@ -141,8 +142,6 @@ class _SamplingFields(Extensions):
     stream_options: StreamOptions | None = None
     user: str | None = None
     stream_refinements: StrictBool = False  # extension
-    logprobs: Annotated[Any, NoOp(None, False)] = None
-    top_logprobs: Annotated[Any, NoOp(None, 0)] = None
     frequency_penalty: Annotated[Any, NoOp(None, 0, 0.0)] = None
     presence_penalty: Annotated[Any, NoOp(None, 0, 0.0)] = None
     logit_bias: Annotated[Any, NoOp(None, {})] = None
@@ -169,10 +168,15 @@ class _SamplingFields(Extensions):
         """The request field that set the completion budget, named in context-length errors."""
         return "max_tokens"
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token); None: not asked (no cost)."""
+        return None, None
+
     def to_sampling_params(
         self, *, max_tokens: int, stop_token_ids: Iterable[int], choice: int, defaults: SamplingDefaults
     ) -> SamplingParams:
         """Parameters of choice number `choice` (its seed is `seed + choice`, kept to 64 bits)."""
+        logprobs, prompt_logprobs = self.logprob_counts()
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=defaults.temperature if self.temperature is None else self.temperature,
@@ -192,6 +196,8 @@ class _SamplingFields(Extensions):
                 stability_threshold=self.stability_threshold,
                 confidence_threshold=self.confidence_threshold,
             ),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -200,6 +206,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: Annotated[Any, NoOp(None, [])] = None
     tool_choice: Annotated[Any, NoOp(None, "none")] = None
     parallel_tool_calls: Annotated[Any, NoOp(None, True, False)] = None
@@ -214,6 +222,9 @@ class ChatCompletionRequest(_SamplingFields):
     store: Annotated[Any, NoOp(None, False)] = None
     metadata: Annotated[Any, NoOp(None, {})] = None
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
+
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -226,7 +237,11 @@ class CompletionRequest(_SamplingFields):
 
     # A string, a list of strings, a list of token ids or a list of token-id lists.
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: Annotated[Any, NoOp(None, False)] = None
+    # 0 is allowed here with `echo` (score the prompt, generate nothing), as OpenAI's legacy API.
+    max_tokens: int | None = Field(None, ge=0)
+    # 0-5 alternatives per token (OpenAI's limit); 0 still returns the chosen token's logprob.
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    echo: StrictBool | None = None
     suffix: Annotated[Any, NoOp(None, "")] = None
     best_of: Annotated[Any, NoOp(None, 1)] = None
 
@@ -238,6 +253,9 @@ class CompletionRequest(_SamplingFields):
         if isinstance(value, list) and value and isinstance(value[0], list) and any(not p for p in value):
             raise ValueError("token-id prompts must not be empty")
         return value
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -285,11 +303,38 @@ class AssistantMessage(_Wire):
     annotations: list[Any] = []
 
 
+class TopLogprob(_Wire):
+    """A token's text, its UTF-8 bytes and its log-probability (docs/openai.md, "Logprobs")."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Wire):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(_Wire):
+    """The legacy completions shape: parallel lists, one entry per token (the first echoed
+    prompt token has no logprob: null); `text_offset` is each token's start in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(_Wire):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class CompletionChoice(_Wire):
@@ -298,7 +343,7 @@ class CompletionChoice(_Wire):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class DeltaMessage(_Wire):
@@ -312,7 +357,7 @@ class ChatChunkChoice(_Wire):
     index: int
     delta: DeltaMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class Refinement(_Wire):

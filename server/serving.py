@@ -38,8 +38,8 @@ async def stream_job(
         async for update in run_job(job, choices, state):
             if update.draft is not None:
                 yield sse(formatter.refinement_chunk(job, update.draft), event="refinement")
-            if update.text:
-                yield sse(formatter.text_chunk(job, update.index, update.text))
+            if update.text or update.entries:
+                yield sse(formatter.text_chunk(job, update.index, update.text, update.entries))
             if update.finish_reason is not None:
                 yield sse(formatter.finish_chunk(job, update.index, update.finish_reason))
         if job.include_usage:

@@ -70,9 +70,9 @@ def test_errors_surface_as_sdk_exceptions(client):
     assert err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True, max_tokens=2
+            model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=21, max_tokens=2
         )
-    assert err.value.body["param"] == "logprobs"
+    assert err.value.body["param"] == "top_logprobs"
 
 
 def test_async_client_concurrent(tiny_server):
