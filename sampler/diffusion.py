@@ -15,9 +15,10 @@ import torch
 from sampler.diffusion_noise import NoiseKey, noise_source
 from sampler.diffusion_settings import DiffusionSettings
 from sampler.diffusion_step import RowState, StepResult, denoise_step
+from sampler.logprobs import log_softmax, pick
 from sampler.runtime.stacked_cache import StackedCache, stack_caches
 from sampler.sequence import check_prompt, resolve_seed
-from sampler.types import FinishReason, SamplingParams, StepEvent
+from sampler.types import FinishReason, SamplingParams, StepEvent, TokenLogprob
 
 
 @dataclass
@@ -38,6 +39,8 @@ class _Row:
     argmax: torch.Tensor | None = None  # (C,) long: argmax canvas of the latest step
     self_cond: torch.Tensor | None = None  # (C, V) tempered logits of the previous step
     history: list[torch.Tensor] = field(default_factory=list)  # last argmax canvases, oldest first
+    # Requests with logprobs: the committed canvas's scores, from the step that committed it.
+    scores: list[TokenLogprob] = field(default_factory=list)
 
     def state(self) -> RowState:
         return RowState(self.settings, self.params.temperature, self.seed, self.block, self.steps_done, self.history)
@@ -279,7 +282,13 @@ class DiffusionSampler:
         logits = self._decoder_logits(group, used_views)
         mid = self._clock()
         self.stats["decoder_s"] += mid - started
+        # denoise_step tempers the logits in place: take the raw distribution first (C, V) per
+        # row that asked. Any step may be the block's last, so every step of such a row pays.
+        raw = {b: log_softmax(logits[b]) for b, row in enumerate(group) if row.params.logprobs is not None}
         result = denoise_step(logits, [row.state() for row in group], self.noise, self._embed_dtype)
+        for b, lsm in raw.items():
+            if result.done[b]:  # the committed tokens are this step's argmax canvas
+                group[b].scores = pick(lsm, result.argmax[b].tolist(), group[b].params.logprobs or 0)
         key = tuple(row.seq_id for row in group)
         self._last_self_cond[key] = result.self_cond
         used_self_cond.add(key)
@@ -314,6 +323,8 @@ class DiffusionSampler:
         tokens, reason = self._trim(row, canvas)
         row.generated.extend(tokens)
         event.token_ids = tokens
+        if row.params.logprobs is not None:
+            event.logprobs, row.scores = row.scores[: len(tokens)], []
         event.finish_reason = reason
         event.denoising_steps = row.steps_done
         if reason is not None:
