@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from sampler.logits import softcap
+from sampler.logprobs import token_logprobs
 from sampler.ngram_pool import NgramPool
 from sampler.parallel_draws import Draws, Shortlist, ensure_together
 from sampler.parallel_tree import GuessTree, attention_masks, batch_masks, forward_rows, guess_tree
@@ -370,10 +372,21 @@ class ParallelSampler:
         event = self._commit(seq, accepted)
         if event.finish_reason is None:
             self._close_block(seq, event, forcing)
+        if seq.params.logprobs is not None and event.token_ids:
+            # The rows that drew the committed tokens: the root, the walked path, then (forced
+            # commits) the draft rows that proposed them.
+            rows = [0] + [1 + n for n in path] + [1 + n for n in draft_nodes[len(path) :]]
+            self._score(draws, rows[: len(event.token_ids)], event, seq.params.logprobs)
         event.forward_passes = 1
         if seq.params.stream_refinements and event.finish_reason is None:
             self._show_draft(seq, event)
         return event
+
+    def _score(self, draws: Draws, rows: list[int], event: StepEvent, k: int) -> None:
+        """Logprobs of the event's tokens from the full logits of `rows` (one head call, only
+        for requests that asked): the soft-capped logits AR would see at those positions."""
+        logits = softcap(self._head(draws.hidden[rows]), self._softcap)  # (len(rows), V)
+        event.logprobs = token_logprobs(logits, event.token_ids, k)
 
     def _close_block(self, seq: _Sequence, event: StepEvent, forcing: bool) -> None:
         """Start the next block once the current one is committed; out of refinement steps
