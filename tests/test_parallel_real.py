@@ -40,3 +40,23 @@ def test_real_gemma_greedy_equals_ar(gemma_f32):
         forwards += fw
     # These prompts repeat structure, so verified n-grams must commit well over a token per forward.
     assert tokens / forwards > 1.5
+
+
+@pytest.mark.slow
+def test_real_gemma_batched_equals_unbatched_and_ar(gemma_f32):
+    """Three sequences of different prompt lengths share each forward (one joins late): each
+    gets the tokens and forward count it gets alone, and AR's greedy tokens."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=frozenset(gemma_f32.eos_token_ids))
+    texts = [*PROMPTS, "Q: What is the capital of France?\nA:"]
+    requests = {f"s{i}": (gemma_f32.tokenizer(t).input_ids, params) for i, t in enumerate(texts)}
+    done = {
+        batched: run_to_completion(
+            ParallelSampler(gemma_f32.model, gemma_f32.device, batched=batched), requests, join_at={"s2": 3}
+        )
+        for batched in (True, False)
+    }
+    assert done[True].tokens == done[False].tokens
+    assert done[True].forward_passes == done[False].forward_passes
+    for seq_id, (ids, _) in requests.items():
+        ar, _ = _generate(ARSampler(gemma_f32.model, gemma_f32.device), ids, params)
+        assert done[True].tokens[seq_id] == ar
