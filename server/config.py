@@ -6,6 +6,7 @@ Sources, lowest to highest precedence: field defaults, the YAML file, environmen
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from types import UnionType
@@ -94,7 +95,8 @@ def _free_text(annotation: Any) -> bool:
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, info in ServerConfig.model_fields.items():
-        raw = environ.get(f"DGSERVE_{key.upper()}")
+        name = f"DGSERVE_{key.upper()}"
+        raw = environ.get(name)
         if raw is None:
             continue
         if not raw.strip():
@@ -104,14 +106,36 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             out[key] = raw
         else:
             # Strings like "null", "8", "true" or '{"block_size": 8}' get their YAML meaning.
-            out[key] = yaml.safe_load(raw)
+            try:
+                out[key] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                why = getattr(exc, "problem", None) or exc
+                raise ConfigError(f"environment variable {name}={raw!r} is not valid YAML: {why}") from None
     return out
+
+
+def _explain(exc: ValidationError, origins: dict[str, str]) -> str:
+    """One line per invalid key naming where its value came from (file, environment variable or
+    flag), instead of pydantic's dump; unknown keys get the nearest real key as a suggestion."""
+    lines = []
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        where = origins.get(key, "the built-in default")
+        if err["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(key, list(ServerConfig.model_fields), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else " (README.md, Configuration, lists the keys)"
+            lines.append(f"  unknown key '{key}' in {where}{hint}")
+            continue
+        shown = "<hidden>" if key == "api_key" else repr(err.get("input"))
+        lines.append(f"  {key}: {err['msg']} (got {shown} from {where})")
+    return "invalid config:\n" + "\n".join(lines)
 
 
 def load_config(
     path: str | Path | None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
 ) -> ServerConfig:
     data: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # key -> where its value came from (the highest layer wins)
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
@@ -120,9 +144,14 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values")
         data.update(loaded)
-    data.update(_env_overrides(dict(os.environ) if environ is None else environ))
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        origins.update({str(k): f"file {path}" for k in loaded})
+    env = _env_overrides(dict(os.environ) if environ is None else environ)
+    data.update(env)
+    origins.update({k: f"environment variable DGSERVE_{k.upper()}" for k in env})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data.update(flags)
+    origins.update({k: "flag --" + k.replace("_", "-") for k in flags})
     try:
         return ServerConfig(**data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config: {exc}") from exc
+        raise ConfigError(_explain(exc, origins)) from None
