@@ -34,6 +34,5 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
     install_error_handlers(app)
     for group in (probes, models, completions, responses):
         app.include_router(group.router)
-    if config.playground:
-        app.include_router(playground.router)
+    app.include_router(playground.router if config.playground else playground.landing_router)
     return app

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from sampler.types import BatchSampler, StepEvent
 from server.engine_core import EngineCore, Outcome, RequestRefused, StepFailed
-from server.errors import APIError, internal_error, overloaded
+from server.errors import APIError, internal_error, overloaded, shutting_down
 from server.metrics import Metrics
 from server.scheduler import NotAccepting, QueueFull, SequenceRequest
 
@@ -110,7 +110,7 @@ class Engine:
             try:
                 self.core.add(*requests)
             except NotAccepting:
-                raise overloaded("The server is shutting down.", retry_after_s=5) from None
+                raise shutting_down() from None
             except QueueFull as full:
                 if len(requests) > full.max_queue:  # could never fit, however idle: not "retry later"
                     raise APIError(400, f"{len(requests)} choices exceed the queue's {full.max_queue}.") from None

@@ -43,12 +43,31 @@ def unsupported_parameter(param: str) -> APIError:
     )
 
 
-def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+def model_not_found(model: str, served: str) -> APIError:
+    """404 for a `model` this server does not serve; the message names the one it does, so a
+    client with a typo or another server's id sees what to send instead."""
+    return APIError(
+        404,
+        f"The model '{model}' does not exist. This server serves '{served}' (GET /v1/models lists it).",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def overloaded(message: str, retry_after_s: int = 1) -> APIError:
     return APIError(503, message, type="server_error", code="overloaded", headers={"Retry-After": str(retry_after_s)})
+
+
+def shutting_down() -> APIError:
+    """503 for work refused while the server drains after SIGTERM: not "overloaded" (retrying here
+    will not help; another replica, or this one after its restart, will)."""
+    return APIError(
+        503,
+        "The server is shutting down.",
+        type="server_error",
+        code="shutting_down",
+        headers={"Retry-After": "5"},
+    )
 
 
 def internal_error(message: str) -> APIError:

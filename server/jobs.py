@@ -51,7 +51,7 @@ class Job:
 def _check_common(req: Request, state: ServerState) -> None:
     cfg = state.config
     if req.model not in (cfg.model_name, cfg.model):
-        raise model_not_found(req.model)
+        raise model_not_found(req.model, cfg.model_name)
     for name in req.unsupported_parameters():
         raise unsupported_parameter(name)
     if req.stream_options is not None and not req.stream:

@@ -15,6 +15,7 @@ from sampler.registry import build_sampler
 from sampler.runtime.loading import load_model
 from sampler.runtime.model import LoadedModel
 from sampler.types import BatchSampler
+from server.config import ServerConfig
 from server.engine import Engine
 from server.state import ServerState
 
@@ -34,6 +35,18 @@ def start_engine(state: ServerState, loaded: LoadedModel) -> None:
     state.engine = engine
 
 
+def where_to_go(cfg: ServerConfig) -> str:
+    """The URLs for the "ready" line: uvicorn prints its own while the model is still loading
+    (about a minute on a first start), so the line that says the server can answer repeats them."""
+    # A wildcard bind is reachable on loopback; a browser cannot open http://0.0.0.0/ everywhere.
+    host = "127.0.0.1" if cfg.host in ("", "0.0.0.0") else "[::1]" if cfg.host == "::" else cfg.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    base = f"http://{host}:{cfg.port}" if cfg.port else f"http://{host}:<the port uvicorn printed>"
+    page = f"open {base}/ for the playground" if cfg.playground else "playground off"
+    return f"{page}, API base {base}/v1"
+
+
 def load_in_background(state: ServerState) -> threading.Thread:
     """Load the configured model on a thread; a failure is kept in `state.load_error` (503s)."""
     cfg = state.config
@@ -48,9 +61,9 @@ def load_in_background(state: ServerState) -> threading.Thread:
             return
         start_engine(state, loaded)
         log.info(
-            "ready: model=%s served as %s, kind=%s, dtype=%s, device=%s, sampler=%s, "
+            "ready: %s; model=%s served as %s, kind=%s, dtype=%s, device=%s, sampler=%s, "
             "defaults temperature=%s top_p=%s top_k=%s max_tokens=%s, context=%d (%.1f s to load)",
-            cfg.model, cfg.model_name, loaded.kind, cfg.dtype, loaded.device, cfg.sampler,
+            where_to_go(cfg), cfg.model, cfg.model_name, loaded.kind, cfg.dtype, loaded.device, cfg.sampler,
             cfg.temperature, cfg.top_p, cfg.top_k, cfg.default_max_tokens, state.max_context,
             time.monotonic() - started,
         )  # fmt: skip

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from sampler.runtime.model import LoadedModel
 from server.config import ServerConfig
 from server.engine import Engine
-from server.errors import APIError, overloaded
+from server.errors import APIError, overloaded, shutting_down
 from server.metrics import Metrics
 
 
@@ -35,7 +35,7 @@ class ServerState:
     def ready_engine(self) -> Engine:
         """The engine, or the 503 that says why there is none to take work."""
         if self.draining:
-            raise overloaded("The server is shutting down.", retry_after_s=5)
+            raise shutting_down()
         if self.engine is None or self.loaded is None:
             if self.load_error:
                 raise APIError(

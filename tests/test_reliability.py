@@ -158,7 +158,7 @@ def test_sigterm_drains_in_flight_then_exits_zero(small_server):
     assert httpx.get(f"{base}/ready", timeout=5).status_code == 503
     assert gauge("dgserve_requests_running") == 1  # still draining the in-flight request
     refused = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=5)
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
     worker.join(120)
     status, text, finish = result["stream"]
     assert status == 200 and finish == "length" and text

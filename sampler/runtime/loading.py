@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,8 +77,15 @@ def choose_dtype(
     return torch.float32, f"dtype auto -> float32: {why} ({isa}); parallel refinement is exact in float32"
 
 
-def _step(message: str, started: float) -> None:
-    log.info("%s (%.1f s since conversion start)", message, time.monotonic() - started)
+@contextmanager
+def _step(what: str, expect: str, started: float) -> Iterator[None]:
+    """Log a conversion step as it starts (with what it took when measured, `expect`) and, once
+    done, how long it took and the time since the conversion started."""
+    log.info("%s (%s) ...", what, expect)
+    t0 = time.monotonic()
+    yield
+    now = time.monotonic()
+    log.info("%s took %.1f s (%.1f s since conversion start)", what, now - t0, now - started)
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:
@@ -85,37 +94,52 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
     return cache_root() / "models" / f"{gguf_path.stem}-{key}-v{_CACHE_FORMAT}"
 
 
+def _converted(out_dir: Path) -> bool:
+    """The marker is written last, inside the directory that is renamed into place."""
+    return (out_dir / "dgserve-cache.json").exists()
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize `gguf_path` into a safetensors + tokenizer directory at `out_dir` (once).
 
     The directory appears atomically (built beside it, then renamed), so an interrupted
     conversion never leaves a half-written cache that a later start would trust.
     """
-    if (out_dir / "dgserve-cache.json").exists():
+    if _converted(out_dir):
         return out_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
-    log.info("first start: converting %s to a safetensors cache at %s (about a minute)", gguf_path, out_dir)
+    log.info(
+        "first start: converting %s to a safetensors cache at %s (about 2 minutes on 2 CPU cores, once)",
+        gguf_path,
+        out_dir,
+    )
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _step("converting the GGUF tokenizer (the slow part, ~50 s)", started)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokenizer.save_pretrained(tmp)
-    _step("dequantizing the GGUF weights", started)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    with _step("converting the GGUF tokenizer", "about 40 s", started):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(tmp)
+    with _step(
+        "dequantizing the GGUF weights",
+        "about 1.5 min: transformers parses the GGUF again, then dequantizes its 236 tensors",
+        started,
+    ):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
     # save_pretrained refuses GGUF-quantized models; the weights are plain float32 by now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _step("writing safetensors", started)
-    model.save_pretrained(tmp)
+    with _step("writing safetensors", "a few seconds", started):
+        model.save_pretrained(tmp)
     (tmp / "dgserve-cache.json").write_text(json.dumps({"source": str(gguf_path), "format": _CACHE_FORMAT}))
     del model
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    _step("conversion done", started)
+    log.info("conversion done in %.1f s; later starts load %s directly", time.monotonic() - started, out_dir)
     return out_dir
 
 
@@ -131,9 +155,20 @@ def builtin_gemma3_270m_gguf() -> Path:
 
 
 def builtin_gemma3_270m_dir() -> Path:
-    """The built-in GGUF converted once to a safetensors cache directory."""
+    """The built-in GGUF converted once to a safetensors cache directory.
+
+    The assembled GGUF is only the conversion's input: once converted it is removed (about 250 MB;
+    the PyPI package keeps its chunks and `builtin_gemma3_270m_gguf` re-assembles them in about a
+    second when asked). Only this copy in the cache: a user's own GGUF file is never touched.
+    """
     out_dir = cache_root() / "models" / f"{BUILTIN_GEMMA3_270M}-v{_CACHE_FORMAT}"
-    return convert_gguf(builtin_gemma3_270m_gguf(), out_dir)
+    if _converted(out_dir):  # a warm start: no assembly, no checksum of 250 MB
+        return out_dir
+    gguf = builtin_gemma3_270m_gguf()
+    convert_gguf(gguf, out_dir)
+    gguf.unlink(missing_ok=True)
+    log.info("removed the assembled %s (the conversion's input; the package keeps its chunks)", gguf.name)
+    return out_dir
 
 
 def _load_pretrained(path_or_id: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:

@@ -28,5 +28,5 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     state: ServerState = request.app.state.dg
     if model_id not in (state.config.model_name, state.config.model):
-        raise model_not_found(model_id)
+        raise model_not_found(model_id, state.config.model_name)
     return _model_card(state).model_dump()

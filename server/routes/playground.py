@@ -2,7 +2,8 @@
 
 Only the files named in `_FILES` are served (no directory listing, no path from the URL reaches
 the file system). The Content-Security-Policy header comes from server/middleware.py. The page
-itself is described in docs/playground.md; config `playground: false` leaves these routes out.
+itself is described in docs/playground.md; config `playground: false` leaves these routes out,
+and `/` then answers with `landing_router`'s small JSON index of the API instead of a 404.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from sampler.registry import SAMPLERS_FOR_KIND
+from server import __version__
 from server.errors import APIError
 from server.state import ServerState
 
 router = APIRouter(include_in_schema=False)
+# What `/` answers when the playground is off (a person who opens the URL, a load balancer's probe).
+landing_router = APIRouter(include_in_schema=False)
 
 STATIC = files("server") / "static"
 # File name -> media type: everything the page loads, all from this server (works offline).
@@ -65,4 +69,26 @@ async def info(request: Request) -> dict[str, Any]:
             "max_tokens": cfg.default_max_tokens,
         },
         "api_key_required": cfg.api_key is not None,
+    }
+
+
+@landing_router.get("/")
+async def landing() -> dict[str, Any]:
+    """A pointer to the API rather than a bare 404. It names no model: with the playground off
+    this is usually production, where /v1/models sits behind the API key and `/` does not."""
+    return {
+        "name": "dgserve",
+        "version": __version__,
+        "playground": "off (config playground: false, env DGSERVE_PLAYGROUND=false)",
+        "links": {
+            "models": "/v1/models",
+            "chat_completions": "/v1/chat/completions",
+            "completions": "/v1/completions",
+            "responses": "/v1/responses",
+            "health": "/health",
+            "ready": "/ready",
+            "metrics": "/metrics",
+            "version": "/version",
+            "openapi": "/openapi.json",
+        },
     }
