@@ -53,6 +53,8 @@ def load_in_background(state: ServerState) -> threading.Thread:
 
     def load() -> None:
         started = time.monotonic()
+        # uvicorn prints its URL now, long before the model can answer: say what to wait for.
+        log.info("loading %s; /ready answers 503 until the 'ready:' line below", cfg.model)
         try:
             loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, cpu_gemm=cfg.cpu_gemm)
         except Exception as exc:

@@ -103,7 +103,10 @@ def test_ready_line_repeats_the_urls(caplog):
     with _client(port=8123) as client:  # no model given: it loads in the background, as served
         wait_until(lambda: client.app.state.dg.engine is not None, timeout=120)
         wait_until(lambda: any(r.message.startswith("ready:") for r in caplog.records), timeout=10)
-    ready = next(r.message for r in caplog.records if r.message.startswith("ready:"))
+    messages = [r.message for r in caplog.records]
+    ready = next(m for m in messages if m.startswith("ready:"))
+    # Said when loading starts (when uvicorn prints its URL): what to wait for.
+    assert messages.index(f"loading {MODEL}; /ready answers 503 until the 'ready:' line below") < messages.index(ready)
     assert "open http://127.0.0.1:8123/ for the playground" in ready
     assert "API base http://127.0.0.1:8123/v1" in ready
 
