@@ -171,7 +171,8 @@ def test_playground_off_is_a_json_404(tiny_loaded):
 
     app = create_app(ServerConfig(model="tiny-gemma3", device="cpu", playground=False), tiny_loaded)
     with TestClient(app) as client:
-        for path in ("/", "/playground", "/playground/info"):
+        # `/` answers a JSON index of the API instead (tests/test_first_minutes.py, issue 11).
+        for path in ("/playground", "/playground/info", "/playground/static/playground.js"):
             response = client.get(path)
             assert response.status_code == 404, path
             assert "error" in response.json()
