@@ -267,6 +267,8 @@ def _print_peer(name: str, rows: list[dict[str, Any]]) -> None:
 
 
 def run(argv: list[str]) -> int:
+    from sampler.registry import SAMPLER_NAMES
+
     p = argparse.ArgumentParser(prog="dgserve bench-load")
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--prompts", default="bench/prompts.jsonl")
@@ -274,7 +276,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
         "--sampler",
-        choices=["ar", "parallel", "diffusion"],
+        choices=SAMPLER_NAMES,
         default=None,
         help="the sampler to serve (default: the config's)",
     )
