@@ -115,6 +115,12 @@ def _done(browser) -> bool:
     return browser.find_element(By.ID, "send").is_enabled() and _text(browser, "#status") != "Generating…"
 
 
+def _aborted_requests(server: LiveServer) -> float:
+    exposition = httpx.get(server.base_url + "/metrics", timeout=5).text
+    found = re.search(r'^dgserve_request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', exposition, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def _figures(answer) -> dict[str, str]:
     names = [e.text for e in answer.find_elements(By.CSS_SELECTOR, "dt")]
     values = [e.text for e in answer.find_elements(By.CSS_SELECTOR, "dd")]
@@ -276,8 +282,11 @@ def test_stop_cancels_on_the_server(browser, server):
     _send(browser, "Once upon a time")
     _wait(lambda: len(_text(browser, "#transcript .answer .committed")) > 20, "text to stream")
     assert server.metric("dgserve_requests_running") == 1
+    aborted = _aborted_requests(server)
     browser.find_element(By.ID, "stop").click()
-    _wait(lambda: server.metric("dgserve_requests_running") == 0, "the server to cancel", timeout=10)
+    _wait(lambda: server.metric("dgserve_requests_running") == 0, "the server to cancel")
+    # Cancelled, not run to its 3000 tokens: the server counts it as aborted.
+    assert _aborted_requests(server) == aborted + 1
     _wait(lambda: _done(browser), "the page to stop")
     assert "Stopped" in _text(browser, "#status")
     assert browser.find_element(By.ID, "error").is_displayed() is False
