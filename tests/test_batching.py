@@ -30,19 +30,29 @@ def run(
     return run_to_completion(sampler, jobs, join_at=join_at, cancel_at=cancel_at).tokens
 
 
-def test_fake_model_batched_equals_alone():
-    rng = random.Random(0)
-    jobs = {
+def random_jobs(rng: random.Random, count: int, longest_prompt: int, max_tokens: tuple[int, int]):
+    """`count` greedy jobs with random prompts of 1..longest_prompt-1 tokens and max_tokens in the range."""
+    return {
         f"s{i}": (
-            [rng.randrange(1, V) for _ in range(rng.randrange(1, 12))],
-            SamplingParams(max_tokens=rng.randrange(3, 25), temperature=0),
+            [rng.randrange(1, V) for _ in range(rng.randrange(1, longest_prompt))],
+            SamplingParams(max_tokens=rng.randrange(*max_tokens), temperature=0),
         )
-        for i in range(8)
+        for i in range(count)
     }
-    alone = {
+
+
+def alone_on_fake_model(jobs: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
+    """Each job's tokens when it runs by itself."""
+    return {
         k: run(ARSampler(ScriptedModel(V, context_hash_script), torch.device("cpu")), {k: v}, {})[k]
         for k, v in jobs.items()
     }
+
+
+def test_fake_model_batched_equals_alone():
+    rng = random.Random(0)
+    jobs = random_jobs(rng, 8, 12, (3, 25))
+    alone = alone_on_fake_model(jobs)
     joins = {k: rng.randrange(0, 10) for k in jobs}
     together = run(
         ARSampler(ScriptedModel(V, context_hash_script), torch.device("cpu")), jobs, joins, cancel_at={"s3": 4}
@@ -78,18 +88,8 @@ def test_tiny_gemma_batched_equals_alone_across_the_sliding_window(tiny_loaded):
 def test_fake_model_prefill_budget_chunks_and_batches_equal_alone():
     # Budgets below, between and above the prompt lengths: prompts prefill whole in one padded
     # forward, or in chunks over several steps, and every sequence still gets its tokens alone.
-    rng = random.Random(1)
-    jobs = {
-        f"s{i}": (
-            [rng.randrange(1, V) for _ in range(rng.randrange(1, 30))],
-            SamplingParams(max_tokens=rng.randrange(2, 12), temperature=0),
-        )
-        for i in range(10)
-    }
-    alone = {
-        k: run(ARSampler(ScriptedModel(V, context_hash_script), torch.device("cpu")), {k: v}, {})[k]
-        for k, v in jobs.items()
-    }
+    jobs = random_jobs(random.Random(1), 10, 30, (2, 12))
+    alone = alone_on_fake_model(jobs)
     for budget in (1, 4, 7, 40, 1000):
         model = ScriptedModel(V, context_hash_script)
         together = run(ARSampler(model, torch.device("cpu"), max_prefill_tokens=budget), jobs, {"s7": 2, "s9": 5})
