@@ -122,6 +122,13 @@ class ParallelSampler:
         self.lean_below = lean_below
         self.probe_every = probe_every
         self.accept_decay = 0.3
+        self._bind_model(model)
+        # A shortlist as big as the vocabulary saves nothing: then every row gets full logits.
+        self.shortlist_size = shortlist_size if 0 < shortlist_size < self._vocab // 2 else 0
+        self._seqs: dict[str, _Sequence] = {}
+
+    def _bind_model(self, model: torch.nn.Module) -> None:
+        """Read what the forwards need from a transformers causal LM: layer kinds, window, body, head."""
         lm: Any = model  # a transformers causal LM: config, decoder and head are not nn.Module API
         config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self._config = config
@@ -141,13 +148,10 @@ class ParallelSampler:
         self._head: torch.nn.Module = head
         self._head_weight: torch.Tensor = head.weight  # (V, d)
         self._vocab = self._head_weight.shape[0]
-        # A shortlist as big as the vocabulary saves nothing: then every row gets full logits.
-        self.shortlist_size = shortlist_size if 0 < shortlist_size < self._vocab // 2 else 0
         self._softcap = getattr(config, "final_logit_softcapping", None)
         # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
         params = inspect.signature(self._body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._seqs: dict[str, _Sequence] = {}
 
     @property
     def num_active(self) -> int:
