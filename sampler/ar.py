@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sampler.constrained import Matcher
 from sampler.logits import sample_tokens
 from sampler.logprobs import prompt_logprobs, token_logprobs
 from sampler.runtime.kv_batch import KVBatch
@@ -39,6 +40,7 @@ class _Sequence:
     joined: bool = False  # in the decode batch
     # echo: logprobs of prompt tokens 1.. (token 0 has no context), filled chunk by chunk.
     prompt_scores: list[TokenLogprob] = field(default_factory=list)
+    matcher: Matcher | None = None  # response_format: the grammar's state, else None
 
     @property
     def next_position(self) -> int:
@@ -46,7 +48,15 @@ class _Sequence:
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
-    """One token per row of (B, V) `logits`, each with its own sequence's parameters."""
+    """One token per row of (B, V) `logits`, each with its own sequence's parameters (a
+    grammar's mask applied to a copy: the raw rows stay for logprobs)."""
+    constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if constrained:
+        logits = logits.clone()
+        for i in constrained:
+            matcher = seqs[i].matcher
+            assert matcher is not None
+            matcher.mask_(logits[i : i + 1])
     tokens = [0] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
     if greedy:
@@ -115,6 +125,8 @@ class ARSampler:
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt(prompt_ids)
         seq = _Sequence(list(prompt_ids), params, resolve_seed(params))
+        if params.grammar is not None:
+            seq.matcher = Matcher(params.grammar, params.stop_token_ids)
         # A prompt to score must run through the model whole: a cached prefix has no logits.
         if self.prefix_cache is not None and params.prompt_logprobs is None:
             blocks = self.prefix_cache.lookup(seq.prompt_ids)
@@ -246,6 +258,10 @@ class ARSampler:
     def _commit(seq: _Sequence, token: int, logits: torch.Tensor) -> StepEvent:
         """Commit `token`, drawn from (1, V) `logits`; its logprob only if the request asked."""
         event = commit_token(seq.generated, token, seq.params)
+        if seq.matcher is not None and event.token_ids:
+            seq.matcher.advance(token)
+            if seq.matcher.done:  # the JSON document is complete: nothing may follow it
+                event.finish_reason = "stop"
         if seq.params.logprobs is not None and event.token_ids:
             event.logprobs = token_logprobs(logits, event.token_ids, seq.params.logprobs)
         return event

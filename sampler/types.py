@@ -7,7 +7,10 @@ which sampler runs (DESIGN principle 6).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from sampler.constrained import Grammar
 
 FinishReason = Literal["stop", "length"]
 
@@ -56,6 +59,10 @@ class SamplingParams:
     # k >= 0: score the prompt too (echo): each prompt token's logprob given the tokens before
     # it, plus k alternatives. Only the `ar` sampler scores prompts (in its prefill forward).
     prompt_logprobs: int | None = None
+    # response_format JSON (docs/openai.md, "Structured output"): every draw is masked to the
+    # grammar and the sequence stops when the document is complete. Only `ar` honours it; the
+    # server runs such requests there (server/jobs.py).
+    grammar: Grammar | None = None
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sampler.constrained import Grammar, json_grammar
 from sampler.registry import SAMPLERS_FOR_KIND
 from sampler.runtime.model import LoadedModel
 from sampler.types import SamplingParams
@@ -80,6 +81,24 @@ def _check_logprobs(req: Request, loaded: LoadedModel) -> None:
         )
 
 
+def _grammar(req: Request, loaded: LoadedModel) -> Grammar | None:
+    """The compiled `response_format` grammar, or None (plain text). JSON output runs on `ar`
+    only (docs/openai.md, "Structured output"): a block-diffusion model cannot serve it."""
+    wanted, schema = req.json_mode()
+    if not wanted:
+        return None
+    if loaded.kind != "causal":
+        raise bad_request(
+            "response_format JSON needs left-to-right decoding to mask each token to the grammar; "
+            "a block-diffusion model commits tokens out of order and cannot serve it",
+            param="response_format",
+        )
+    try:
+        return json_grammar(loaded.tokenizer, schema)
+    except ValueError as exc:
+        raise bad_request(f"Invalid schema in response_format: {exc}", param="response_format") from exc
+
+
 def _scores_prompt(req: Request) -> bool:
     """Echo scoring (or generating nothing) runs on `ar`: its prefill forward scores the prompt."""
     return isinstance(req, CompletionRequest) and bool(req.echo) and (req.logprobs is not None or req.max_tokens == 0)
@@ -88,6 +107,8 @@ def _scores_prompt(req: Request) -> bool:
 def _sampler_for(req: Request, loaded: LoadedModel, configured: str) -> str:
     if _scores_prompt(req):
         return "ar"  # seeded tokens are the ones parallel would commit (docs/parallel.md)
+    if req.json_mode()[0]:
+        return "ar"  # the only sampler that masks draws to a grammar (docs/openai.md)
     name = req.sampler or configured
     allowed = SAMPLERS_FOR_KIND[loaded.kind]
     if name not in allowed:
@@ -106,6 +127,7 @@ def _busy_sampler_for(req: Request, loaded: LoadedModel, configured: str | None)
         req.sampler is not None
         or req.stream_refinements
         or _scores_prompt(req)
+        or req.json_mode()[0]
         or configured not in SAMPLERS_FOR_KIND[loaded.kind]
     ):
         return None
@@ -184,9 +206,14 @@ def build_job(req: Request, state: ServerState, request_id: str) -> Job:
             f"{state.config.max_queue}.",
             param="n" if n > 1 else req.prompt_param,
         )
+    grammar = _grammar(req, loaded)
     params = [
         req.to_sampling_params(
-            max_tokens=_max_tokens(req, state, len(prompt)), stop_token_ids=stop_ids, choice=j, defaults=state.config
+            max_tokens=_max_tokens(req, state, len(prompt)),
+            stop_token_ids=stop_ids,
+            choice=j,
+            defaults=state.config,
+            grammar=grammar,
         )
         for prompt in prompts
         for j in range(n)

@@ -7,7 +7,7 @@ Unknown request fields are rejected (extra="forbid"): a typo must not silently c
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,9 @@ from pydantic import (
 
 from sampler.registry import SamplerName
 from sampler.types import DiffusionOptions, ParallelOptions, SamplingParams
+
+if TYPE_CHECKING:
+    from sampler.constrained import Grammar
 
 _SEED_MASK = (1 << 64) - 1
 
@@ -80,6 +83,39 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class JsonSchemaSpec(_Strict):
+    """`response_format.json_schema`: OpenAI's named schema. `strict` is accepted either way:
+    the output is always held to the schema (docs/openai.md, "Structured output")."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute in pydantic: stored as schema_, sent as "schema".
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Strict):
+    """`response_format`: plain text (the default), any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+    def json_mode(self) -> tuple[bool, dict[str, Any] | None]:
+        """(constrain to JSON?, the schema; None: any JSON object)."""
+        if self.type == "text":
+            return False, None
+        spec = self.json_schema
+        return True, (spec.schema_ or {}) if spec is not None else None
 
 
 class StreamOptions(_Strict):
@@ -145,6 +181,7 @@ class _SamplingFields(Extensions):
     frequency_penalty: Annotated[Any, NoOp(None, 0, 0.0)] = None
     presence_penalty: Annotated[Any, NoOp(None, 0, 0.0)] = None
     logit_bias: Annotated[Any, NoOp(None, {})] = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -168,12 +205,22 @@ class _SamplingFields(Extensions):
         """The request field that set the completion budget, named in context-length errors."""
         return "max_tokens"
 
+    def json_mode(self) -> tuple[bool, dict[str, Any] | None]:
+        """`response_format`'s ask: (constrain to JSON?, the schema or None for any object)."""
+        return (False, None) if self.response_format is None else self.response_format.json_mode()
+
     def logprob_counts(self) -> tuple[int | None, int | None]:
         """(alternatives per generated token, per prompt token); None: not asked (no cost)."""
         return None, None
 
     def to_sampling_params(
-        self, *, max_tokens: int, stop_token_ids: Iterable[int], choice: int, defaults: SamplingDefaults
+        self,
+        *,
+        max_tokens: int,
+        stop_token_ids: Iterable[int],
+        choice: int,
+        defaults: SamplingDefaults,
+        grammar: Grammar | None = None,
     ) -> SamplingParams:
         """Parameters of choice number `choice` (its seed is `seed + choice`, kept to 64 bits)."""
         logprobs, prompt_logprobs = self.logprob_counts()
@@ -198,6 +245,7 @@ class _SamplingFields(Extensions):
             ),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
         )
 
 
@@ -213,7 +261,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: Annotated[Any, NoOp(None, True, False)] = None
     functions: Annotated[Any, NoOp(None, [])] = None
     function_call: Annotated[Any, NoOp(None, "none")] = None
-    response_format: Annotated[Any, NoOp(None, {"type": "text"})] = None
     modalities: Annotated[Any, NoOp(None, ["text"])] = None
     audio: Annotated[Any, NoOp(None)] = None
     prediction: Annotated[Any, NoOp(None)] = None

@@ -1,0 +1,147 @@
+"""response_format JSON (issue 10 item 2): outputs of the tiny random model, drawn at
+temperature 1.0 under the grammar's masks, parse and validate against the schema; a cut output
+is a prefix the grammar accepts; bad schemas and unservable samplers are 400s."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import llguidance
+import openai
+import pytest
+
+from sampler.ar import ARSampler
+from sampler.constrained import json_grammar
+from sampler.types import SamplingParams
+from server.protocol import ChatCompletionRequest
+
+MODEL = "tiny-gemma3"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags", "ok"],
+    "additionalProperties": False,
+}
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_sdk_chat_json_schema_outputs_validate(client):
+    texts = []
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "A person as JSON"}],
+            response_format=SCHEMA_FORMAT,
+            temperature=1.0,
+            max_tokens=200,
+            seed=seed * 100,
+            n=4,
+        )
+        for choice in r.choices:
+            assert choice.finish_reason == "stop", choice.message.content
+            texts.append(choice.message.content)
+    assert len(set(texts)) > 1  # temperature 1.0 really samples
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_raw_http_completions_json_object(tiny_server):
+    body = {
+        "model": MODEL,
+        "prompt": "Some JSON:",
+        "response_format": {"type": "json_object"},
+        "temperature": 1.0,
+        "max_tokens": 300,
+        "n": 8,
+        "seed": 7,
+    }
+    r = httpx.post(f"{tiny_server.base_url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    done = [c["text"] for c in r.json()["choices"] if c["finish_reason"] == "stop"]
+    assert done  # a random model's objects may run long, but most close within 300 tokens
+    for text in done:
+        assert isinstance(json.loads(text), dict)
+
+
+def test_parallel_request_runs_on_ar_and_a_cut_output_says_length(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "JSON"}],
+        response_format=SCHEMA_FORMAT,
+        max_tokens=3,
+        temperature=1.0,
+        seed=3,
+        extra_body={"sampler": "parallel"},
+    )
+    assert "-ar-" in r.system_fingerprint
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    assert r.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("response_format", "message"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}, "objectx"),
+        ({"type": "json_schema"}, "json_schema"),
+        ({"type": "yaml"}, "type"),
+    ],
+)
+def test_bad_response_format_is_400_naming_it(tiny_server, response_format, message):
+    for path, prompt in (
+        ("chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        ("completions", {"prompt": "x"}),
+    ):
+        body = {"model": MODEL, "response_format": response_format, **prompt}
+        r = httpx.post(f"{tiny_server.base_url}/v1/{path}", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"].startswith("response_format") and message in error["message"]
+
+
+def test_cut_outputs_are_prefixes_the_grammar_accepts(tiny_loaded):
+    """Under max_tokens the sampler commits only tokens the grammar allows: a fresh matcher
+    accepts every one of them (an unmasked random model's tokens would not be)."""
+    grammar = json_grammar(tiny_loaded.tokenizer, SCHEMA)
+    sampler = ARSampler(tiny_loaded.model, tiny_loaded.model.device, prefix_cache_mb=0)
+    stop = frozenset(tiny_loaded.eos_token_ids)
+    for i in range(8):
+        params = SamplingParams(max_tokens=4 + i, seed=i, stop_token_ids=stop, grammar=grammar)
+        sampler.add(str(i), [2, 40, 120], params)
+    tokens: dict[str, list[int]] = {}
+    reasons = {}
+    while sampler.num_active:
+        for seq_id, event in sampler.step().items():
+            tokens.setdefault(seq_id, []).extend(event.token_ids)
+            if event.finish_reason is not None:
+                reasons[seq_id] = event.finish_reason
+    assert set(reasons.values()) == {"length"}
+    for seq_id, ids in tokens.items():
+        matcher = llguidance.LLMatcher(grammar.tokenizer, grammar.text)
+        assert matcher.validate_tokens(ids) == len(ids) == 4 + int(seq_id)
+
+
+def test_block_diffusion_refuses_json_with_the_reason():
+    from sampler.runtime.loading import load_model
+    from server.errors import APIError
+    from server.jobs import _grammar
+
+    loaded = load_model("tiny-diffusion", dtype="float32", device="cpu")
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}
+    )
+    with pytest.raises(APIError) as info:
+        _grammar(req, loaded)
+    assert info.value.status == 400 and info.value.param == "response_format"
+    assert "block-diffusion" in info.value.message
