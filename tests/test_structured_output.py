@@ -145,3 +145,19 @@ def test_block_diffusion_refuses_json_with_the_reason():
         _grammar(req, loaded)
     assert info.value.status == 400 and info.value.param == "response_format"
     assert "block-diffusion" in info.value.message
+
+
+def test_sdk_streamed_json_schema_joins_into_a_valid_document(client):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "A person as JSON"}],
+        response_format=SCHEMA_FORMAT,
+        temperature=1.0,
+        max_tokens=200,
+        seed=11,
+        stream=True,
+    )
+    chunks = list(stream)
+    text = "".join(ch.delta.content or "" for chunk in chunks for ch in chunk.choices)
+    assert [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason] == ["stop"]
+    jsonschema.validate(json.loads(text), SCHEMA)
