@@ -20,6 +20,7 @@ import torch
 
 from sampler.runtime.cpu_features import CpuFeatures, detect
 from sampler.runtime.cpu_linear import CpuGemm, packed_works, speed_up_linears
+from sampler.runtime.lean_gemma3 import make_lean
 from sampler.runtime.model import (
     BUILTIN_GEMMA3_270M,
     TINY_DIFFUSION,
@@ -207,14 +208,16 @@ def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
 def load_model(spec: str, *, dtype: str = "float32", device: str = "auto", cpu_gemm: CpuGemm = "auto") -> LoadedModel:
     """Load what `spec` names: a built-in name, a .gguf file, a local directory or a hub id.
 
-    `dtype` may be `auto` (`choose_dtype`). On CPU the linear layers get the kernels `cpu_gemm`
-    asks for (sampler/runtime/cpu_linear.py).
+    `dtype` may be `auto` (`choose_dtype`). Gemma 3 causal models get the lean decoder layers
+    (sampler/runtime/lean_gemma3.py: fused projections, fewer ops); then, on CPU, the linear layers
+    get the kernels `cpu_gemm` asks for (sampler/runtime/cpu_linear.py).
     """
     torch_device = resolve_device(device)
     torch_dtype, reason = choose_dtype(dtype, torch_device)
     if dtype == "auto":
         log.info("%s", reason)
     loaded = _load(spec, torch_dtype, torch_device)
+    make_lean(loaded.model)  # before the kernels are planned: the fused weights are what they time
     if loaded.device.type == "cpu":
         speed_up_linears(loaded.model, cpu_gemm)
     return loaded
