@@ -89,14 +89,14 @@ def _grammar(req: Request, loaded: LoadedModel) -> Grammar | None:
         return None
     if loaded.kind != "causal":
         raise bad_request(
-            "response_format JSON needs left-to-right decoding to mask each token to the grammar; "
+            f"{req.format_param} JSON needs left-to-right decoding to mask each token to the grammar; "
             "a block-diffusion model commits tokens out of order and cannot serve it",
-            param="response_format",
+            param=req.format_param,
         )
     try:
         return json_grammar(loaded.tokenizer, schema)
     except ValueError as exc:
-        raise bad_request(f"Invalid schema in response_format: {exc}", param="response_format") from exc
+        raise bad_request(f"Invalid schema in {req.format_param}: {exc}", param=req.format_param) from exc
 
 
 def _scores_prompt(req: Request) -> bool:

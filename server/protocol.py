@@ -85,13 +85,17 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
+# OpenAI's rule for a schema's name (chat's json_schema.name, the Responses API's text.format.name).
+SchemaName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
 class JsonSchemaSpec(_Strict):
     """`response_format.json_schema`: OpenAI's named schema. `strict` is accepted either way:
     the output is always held to the schema (docs/openai.md, "Structured output")."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    name: SchemaName
     description: str | None = None
     # `schema` shadows a BaseModel attribute in pydantic: stored as schema_, sent as "schema".
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -169,6 +173,8 @@ class _SamplingFields(Extensions):
 
     # The request field that holds the prompt, named in context-length errors.
     prompt_param: ClassVar[str]
+    # The request field that asks for JSON output, named in its errors.
+    format_param: ClassVar[str] = "response_format"
 
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)

@@ -26,8 +26,8 @@ async def _events(builder: ResponseBuilder, job: Job, choices: list[Choice], sta
         for event in builder.opening():
             yield sse(event, event=event["type"])
         async for update in run_job(job, choices, state):
-            if update.text:
-                yield sse(builder.delta(update.text), event="response.output_text.delta")
+            if update.text or update.entries:
+                yield sse(builder.delta(update.text, update.entries), event="response.output_text.delta")
         for event in builder.closing(choices):
             yield sse(event, event=event["type"])
     except Exception as exc:
