@@ -1,9 +1,11 @@
 """Grammar-constrained decoding for `response_format` JSON, through llguidance.
 
-A request's grammar is compiled and validated once at the HTTP edge (`json_grammar`); each
-sequence then owns a `Matcher` that masks the tokens the grammar forbids before a draw and
-advances with every committed token. Why llguidance, its measured costs and what a cut
-output guarantees: docs/openai.md ("Structured output").
+llguidance's view of the tokenizer is built once per process, at server start-up
+(server/startup.py calls `llg_tokenizer`), and kept here. A request's grammar is compiled and
+validated once at the HTTP edge (`json_grammar`); each sequence then owns a `Matcher` that
+masks the tokens the grammar forbids before a draw and advances with every committed token. Why
+llguidance, its measured costs and what a cut output guarantees: docs/openai.md ("Structured
+output").
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ _LOCK = threading.Lock()
 
 
 def llg_tokenizer(hf_tokenizer: Any) -> llguidance.LLTokenizer:
-    """llguidance's view of a transformers fast tokenizer, built once per tokenizer object
-    (Gemma's 262,144 tokens take a while; see docs). Keyed by identity: the tokenizer is kept
-    alive with its entry so the id cannot be reused."""
+    """llguidance's view of a transformers fast tokenizer, built once per tokenizer object: the
+    first call builds it (Gemma's 262,144 tokens take 5-7 s, holding the GIL; see docs), later
+    calls return it. Keyed by identity: the tokenizer is kept alive with its entry so the id
+    cannot be reused. A caller arriving during the build waits for it rather than building twice."""
     with _LOCK:
         entry = _TOKENIZERS.get(id(hf_tokenizer))
         if entry is None:

@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 
+from sampler.constrained import llg_tokenizer
 from sampler.registry import build_sampler
 from sampler.runtime.loading import load_model
 from sampler.runtime.model import LoadedModel
@@ -22,9 +23,34 @@ from server.state import ServerState
 log = logging.getLogger("dgserve.app")
 
 
+def prepare_structured_output(loaded: LoadedModel) -> None:
+    """Build llguidance's tokenizer now, so the first `response_format` / `text.format` JSON
+    request does not pay it (5-7 s on Gemma's vocabulary; docs/openai.md, "Structured output").
+
+    It runs in the start-up step, before the engine starts, not on a background thread: the
+    build holds the GIL throughout, so a thread would freeze the event loop and the model thread
+    for seconds while /ready already said yes. A block-diffusion model serves no JSON (skipped).
+    A tokenizer llguidance cannot read is logged; JSON requests then answer its error as a 400.
+    """
+    if loaded.kind != "causal":
+        return
+    started = time.monotonic()
+    try:
+        tokenizer = llg_tokenizer(loaded.tokenizer)
+    except Exception as exc:
+        log.warning("structured output unavailable: llguidance cannot read this tokenizer (%s)", exc)
+        return
+    log.info(
+        "structured output: llguidance tokenizer (%d tokens) built in %.2f s",
+        tokenizer.vocab_size, time.monotonic() - started,
+    )  # fmt: skip
+
+
 def start_engine(state: ServerState, loaded: LoadedModel) -> None:
-    """Start the model thread; the handlers see the model and its engine from here on."""
+    """Prepare structured output, then start the model thread; the handlers see the model and
+    its engine from here on."""
     cfg = state.config
+    prepare_structured_output(loaded)
 
     def factory(name: str) -> BatchSampler:
         return build_sampler(name, loaded, cfg.sampler_options(name))

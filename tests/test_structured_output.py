@@ -11,10 +11,13 @@ import jsonschema
 import llguidance
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from sampler.ar import ARSampler
 from sampler.constrained import json_grammar
 from sampler.types import SamplingParams
+from server.app import create_app
+from server.config import ServerConfig
 from server.protocol import ChatCompletionRequest
 
 MODEL = "tiny-gemma3"
@@ -161,3 +164,25 @@ def test_sdk_streamed_json_schema_joins_into_a_valid_document(client):
     text = "".join(ch.delta.content or "" for chunk in chunks for ch in chunk.choices)
     assert [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason] == ["stop"]
     jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_start_up_builds_the_llguidance_tokenizer_so_requests_do_not(monkeypatch, caplog):
+    """The tokenizer build (5-7 s on Gemma) happens in the start-up step, once: the first JSON
+    request finds it built."""
+    from sampler.runtime.loading import load_model
+
+    loaded = load_model("tiny-gemma3", dtype="float32", device="cpu")  # a tokenizer no test has built for
+    builds = []
+    real = llguidance.hf.from_tokenizer
+    monkeypatch.setattr(llguidance.hf, "from_tokenizer", lambda tok: builds.append(tok) or real(tok))
+    config = ServerConfig(model=MODEL, device="cpu", default_max_tokens=8)
+    with caplog.at_level("INFO", logger="dgserve.app"), TestClient(create_app(config, loaded=loaded)) as c:
+        assert builds == [loaded.tokenizer]
+        assert any("llguidance tokenizer" in r.message and " s" in r.message for r in caplog.records)
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_object"},
+        }
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+    assert builds == [loaded.tokenizer]
