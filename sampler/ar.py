@@ -12,7 +12,7 @@ measurements behind the defaults: docs/load.md ("Prefill under load", "Prefix ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from sampler.logprobs import prompt_logprobs, token_logprobs
 from sampler.runtime.kv_batch import KVBatch
 from sampler.runtime.prefix_cache import PrefixCache, PrefixCacheStats, cache_from_blocks, new_cache, row_block
 from sampler.sequence import check_prompt, commit_token, resolve_seed
-from sampler.types import SamplingParams, StepEvent, TokenLogprob
+from sampler.types import Handover, SamplingParams, StepEvent, TokenLogprob
 
 
 @dataclass
@@ -123,8 +123,21 @@ class ARSampler:
         return None if self.prefix_cache is None else self.prefix_cache.stats
 
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        check_prompt(prompt_ids)
-        seq = _Sequence(list(prompt_ids), params, resolve_seed(params))
+        self._start(seq_id, _Sequence(list(prompt_ids), params, resolve_seed(params)))
+
+    def resume(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, handover: Handover) -> None:
+        """Continue a sequence another sampler began (TakesOver): its prompt and committed tokens
+        prefill as one context, the noise stream is its seed's (keyed by absolute position, so a
+        greedy or seeded sequence goes on exactly as it would have there) and max_tokens counts
+        what it already committed. The prompt was scored, if asked, where it began."""
+        if params.grammar is not None:
+            raise ValueError("a grammar's state cannot be handed over")
+        rest = replace(params, max_tokens=params.max_tokens - len(handover.generated), prompt_logprobs=None)
+        self._start(seq_id, _Sequence(list(prompt_ids) + handover.generated, rest, handover.seed))
+
+    def _start(self, seq_id: str, seq: _Sequence) -> None:
+        check_prompt(seq.prompt_ids)
+        params = seq.params
         if params.grammar is not None:
             seq.matcher = Matcher(params.grammar, params.stop_token_ids)
         # A prompt to score must run through the model whole: a cached prefix has no logits.

@@ -25,7 +25,7 @@ from sampler.parallel_tree import GuessTree, attention_masks, batch_masks, forwa
 from sampler.runtime.kv_compaction import TreeBatchCache, append_kept_rows, keep_new_rows
 from sampler.runtime.stacked_cache import stack_caches
 from sampler.sequence import check_prompt, commit_token, resolve_seed
-from sampler.types import SamplingParams, StepEvent
+from sampler.types import Handover, SamplingParams, StepEvent
 
 
 @dataclass
@@ -182,6 +182,12 @@ class ParallelSampler:
 
     def cancel(self, seq_id: str) -> None:
         self._seqs.pop(seq_id, None)
+
+    def detach(self, seq_id: str) -> Handover | None:
+        """Give up a running sequence (HandsOver): every committed token was already reported in
+        the step that committed it, so the hand-over carries exactly what the client has."""
+        seq = self._seqs.pop(seq_id, None)
+        return None if seq is None else Handover(list(seq.generated), seq.seed)
 
     def step(self) -> dict[str, StepEvent]:
         """One forward per sequence taking part: sequences with a cache share one batched forward

@@ -7,7 +7,7 @@ which sampler runs (DESIGN principle 6).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from sampler.constrained import Grammar
@@ -121,3 +121,32 @@ class BatchSampler(Protocol):
 
     @property
     def num_active(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A running sequence given up by one sampler for another to continue (the busy switch for
+    sequences already running, server/engine_core.py): what it committed and its noise seed."""
+
+    generated: list[int]
+    seed: int
+
+
+@runtime_checkable
+class HandsOver(Protocol):
+    """A sampler that can give up a running sequence between steps."""
+
+    def detach(self, seq_id: str) -> Handover | None:
+        """Remove `seq_id` and return what it committed; None (and nothing removed) when it
+        cannot be handed over (unknown, or state another sampler could not continue)."""
+        ...
+
+
+@runtime_checkable
+class TakesOver(Protocol):
+    """A sampler that can continue a sequence another sampler began."""
+
+    def resume(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, handover: Handover) -> None:
+        """Continue `seq_id` after `handover.generated`, as if it had run here from the start:
+        the same noise stream (seed, keyed by position), max_tokens counting what was committed."""
+        ...

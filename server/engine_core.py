@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from sampler.types import BatchSampler, FinishReason, SamplingParams, StepEvent
+from sampler.types import BatchSampler, FinishReason, HandsOver, SamplingParams, StepEvent, TakesOver
 from server.scheduler import Scheduler, SequenceRequest
 
 log = logging.getLogger("dgserve.engine")
@@ -119,6 +119,7 @@ class EngineCore:
                 outcomes[request.seq_id] = refusal
         if self._on_admit is not None:
             self._on_admit(admitted)
+        outcomes.update(self._hand_over_when_busy())
         for name, sampler in list(self.samplers.items()):
             if sampler.num_active:
                 outcomes.update(self._step_sampler(name, sampler))
@@ -138,6 +139,37 @@ class EngineCore:
             self._scheduler.finish(request.seq_id)
             return RequestRefused(request.seq_id, exc)
         return None
+
+    def _hand_over_when_busy(self) -> dict[str, Outcome]:
+        """Move running sequences to their `sampler_when_busy` once another request runs.
+
+        Why: every sampler with sequences runs its own forward each step, so one sequence left on
+        `parallel` beside a batch on `ar` costs every one of them a second forward per step (a
+        burst of clients starts with the first one alone, on `parallel`). The receiving sampler
+        prefills the prompt plus what was committed (one forward) and goes on with the same
+        noise stream, so greedy and seeded output is what the first sampler would have given.
+        A failure to continue ends only that sequence.
+        """
+        failures: dict[str, Outcome] = {}
+        for request in self._scheduler.busy_movers():
+            source, target_name = self.samplers.get(request.sampler), request.sampler_when_busy
+            assert target_name is not None  # busy_movers only returns sequences with one
+            target = self._sampler(target_name)
+            if not isinstance(source, HandsOver) or not isinstance(target, TakesOver):
+                continue
+            handover = source.detach(request.seq_id)
+            if handover is None:
+                continue
+            try:
+                target.resume(request.seq_id, request.prompt_ids, request.params, handover)
+            except Exception as exc:  # the sequence was detached: it ends here, alone
+                log.exception("handing %s over to %s failed", request.seq_id, target_name)
+                self._scheduler.finish(request.seq_id)
+                failures[request.seq_id] = StepFailed(target_name, exc)
+                continue
+            self._scheduler.move(request, target_name)
+            log.debug("busy: %s handed over after %d tokens", request.seq_id, len(handover.generated))
+        return failures
 
     def _step_sampler(self, name: str, sampler: BatchSampler) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}

@@ -10,7 +10,9 @@ The rules (docs/load.md, "The engine under load"):
   already queued or running still completes.
 - **Busy switch.** A sequence with `sampler_when_busy` that is handed to its sampler while a
   sequence of another group runs (counting those admitted with it) runs on that sampler instead;
-  its own group's siblings (the other choices of its request) do not make the engine busy.
+  its own group's siblings (the other choices of its request) do not make the engine busy. One
+  already running when the engine becomes busy is handed over between steps (`busy_movers`),
+  where its sampler can give it up and the other can continue it (server/engine_core.py).
 
 Thread safety: every method takes the scheduler's lock briefly and never calls out while
 holding it, so handler threads may queue and drop waiting sequences while the model thread
@@ -126,6 +128,24 @@ class Scheduler:
         if request.sampler_when_busy is not None and busy:
             request.sampler = request.sampler_when_busy
         return request.sampler
+
+    def busy_movers(self) -> list[SequenceRequest]:
+        """Running sequences the busy switch would now send elsewhere: they run on a sampler other
+        than their `sampler_when_busy` while a sequence of another group runs too."""
+        with self._lock:
+            running = list(self._running.values())
+        return [
+            r
+            for r in running
+            if r.sampler_when_busy is not None
+            and r.sampler != r.sampler_when_busy
+            and any(self._other_group(r, other) for other in running)
+        ]
+
+    def move(self, request: SequenceRequest, sampler: str) -> None:
+        """Record that a running sequence now runs on `sampler` (it was handed over)."""
+        with self._lock:
+            request.sampler = sampler
 
     @staticmethod
     def _other_group(request: SequenceRequest, running: SequenceRequest) -> bool:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sampler.types import SamplingParams, StepEvent
+from sampler.types import Handover, SamplingParams, StepEvent
 from server.engine import Engine, EngineRequest, RequestStream
 from server.engine_core import EngineCore, RequestRefused, StepFailed, run_to_completion
 from server.errors import APIError
@@ -154,6 +154,80 @@ def test_busy_switch_only_when_others_run() -> None:
     core.step()
     assert [r.sampler for r in pair] == ["ar", "ar"]
     assert built["parallel"].added == ["alone"]
+
+
+class HandingSampler(ScriptedSampler):
+    """A scripted sampler that gives up and takes over sequences (HandsOver, TakesOver)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.refuse_resume = False
+
+    def detach(self, seq_id: str) -> Handover | None:
+        entry = self._seqs.pop(seq_id, None)
+        return None if entry is None else Handover(list(entry[2]), seed=7)
+
+    def resume(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, handover: Handover) -> None:
+        if self.refuse_resume:
+            raise RuntimeError("scripted refusal")
+        self.added.append(seq_id)
+        self._seqs[seq_id] = (prompt_ids, params.max_tokens, list(handover.generated))
+
+
+def make_handing_core(
+    refuse_resume: frozenset[str] | set[str] = frozenset(),
+) -> tuple[EngineCore, dict[str, HandingSampler]]:
+    built: dict[str, HandingSampler] = {}
+
+    def build(name: str) -> HandingSampler:
+        built[name] = HandingSampler(name)
+        built[name].refuse_resume = name in refuse_resume
+        return built[name]
+
+    return EngineCore(build, max_num_seqs=8, max_queue=16), built
+
+
+def test_a_running_sequence_is_handed_over_once_the_engine_is_busy() -> None:
+    core, built = make_handing_core()
+    alone = request("alone", max_tokens=5, sampler="parallel", busy="ar")
+    core.add(alone)
+    first = [core.step()["alone"] for _ in range(2)]
+    assert alone.sampler == "parallel" and all(isinstance(e, StepEvent) for e in first)
+    core.add(request("late", max_tokens=5, sampler="parallel", busy="ar"))
+    rest: list[StepEvent] = []
+    while not core.idle:
+        rest += [e for k, e in core.step().items() if k == "alone" and isinstance(e, StepEvent)]
+    # Handed over before the next step: it went on where it was, on `ar`, to max_tokens.
+    assert alone.sampler == "ar" and built["ar"].added == ["late", "alone"]
+    assert built["parallel"].num_active == 0
+    assert [t for e in first + rest if isinstance(e, StepEvent) for t in e.token_ids] == [10, 11, 12, 13, 14]
+    assert rest[-1].finish_reason == "length"
+
+
+def test_siblings_of_one_request_are_not_handed_over() -> None:
+    core, built = make_handing_core()
+    pair = [
+        SequenceRequest([10], SamplingParams(max_tokens=3), "parallel", seq_id=k, sampler_when_busy="ar", group="g")
+        for k in ("a", "b")
+    ]
+    core.add(*pair)
+    while not core.idle:
+        core.step()
+    assert [r.sampler for r in pair] == ["parallel", "parallel"] and "ar" not in built
+
+
+def test_a_failed_hand_over_ends_only_that_sequence() -> None:
+    core, built = make_handing_core(refuse_resume={"ar"})
+    core.add(request("alone", max_tokens=5, sampler="parallel", busy="ar"))
+    core.step()
+    core.add(request("other", max_tokens=3, sampler="s"))
+    outcomes = core.step()
+    failure = outcomes["alone"]
+    assert isinstance(failure, StepFailed) and str(failure.cause) == "scripted refusal"
+    assert isinstance(outcomes["other"], StepEvent)
+    assert built["parallel"].num_active == 0 and not core._scheduler.is_running("alone")
+    while not core.idle:
+        core.step()
 
 
 def test_a_refused_request_fails_alone() -> None:
