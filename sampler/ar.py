@@ -173,14 +173,17 @@ class ARSampler:
         return out.logits[:, -1]
 
     def _plan_group(self, waiting: list[tuple[str, _Sequence]]) -> list[tuple[str, _Sequence]]:
-        """Fresh prompts (FIFO) that fit the budget whole, padding included: one forward."""
+        """Prompts (FIFO) whose uncached part fits the budget whole, padding included: one forward
+        of width max(uncached part) over all of them (`_prefill_group`)."""
         group: list[tuple[str, _Sequence]] = []
         width = 0
         for seq_id, seq in waiting:
-            n = len(seq.prompt_ids)
+            n = len(seq.prompt_ids) - seq.filled
             # Prompts to score prefill alone (`_prefill_chunk`): only they need every row's logits.
             scoring = seq.params.prompt_logprobs is not None
-            if not scoring and seq.filled == 0 and (len(group) + 1) * max(width, n) <= self.max_prefill_tokens:
+            # A cached prefix is reused only from a recording cache (every column of every layer).
+            reusable = seq.filled == 0 or self.prefix_cache is not None
+            if not scoring and reusable and (len(group) + 1) * max(width, n) <= self.max_prefill_tokens:
                 group.append((seq_id, seq))
                 width = max(width, n)
         return group
@@ -193,7 +196,7 @@ class ARSampler:
             return {}
         group = self._plan_group(waiting)
         done = self._prefill_group(group) if group else {}
-        spent = len(group) * max((len(q.prompt_ids) for _, q in group), default=0)
+        spent = len(group) * max((len(q.prompt_ids) - q.filled for _, q in group), default=0)
         for seq_id, seq in waiting:
             if seq.joined:
                 continue
@@ -209,27 +212,59 @@ class ARSampler:
                 done[seq_id] = logits
         return done
 
+    def _group_past(self, group: list[tuple[str, _Sequence]], kept: list[int]) -> Any:
+        """The cache a group forward starts from: row i holds the first `kept[i]` columns of its
+        sequence's cache (a recording one: sliding layers kept every column), left-padded with
+        zeros (masked) to max(kept); a fresh cache when no row keeps any. Recording when the
+        prefix cache is on, so the prompts' blocks can be stored."""
+        past = max(kept)
+        cache = new_cache(self._config, record=self.prefix_cache is not None)
+        if not past:
+            return cache
+        template = next(q.cache for k, (_, q) in zip(kept, group, strict=True) if k)
+
+        def stacked(i: int, part: str) -> torch.Tensor:
+            like: torch.Tensor = getattr(template.layers[i], part)  # (1, H, C, D)
+            rows = []
+            for k, (_, seq) in zip(kept, group, strict=True):
+                columns = getattr(seq.cache.layers[i], part)[:, :, :k] if k else like[:, :, :0]
+                rows.append(torch.cat([like.new_zeros(1, like.shape[1], past - k, like.shape[3]), columns], dim=-2))
+            return torch.cat(rows)  # (B, H, past, D)
+
+        for i, layer in enumerate(cache.layers):
+            layer.update(stacked(i, "keys"), stacked(i, "values"))
+        return cache
+
     @torch.inference_mode()
     def _prefill_group(self, group: list[tuple[str, _Sequence]]) -> dict[str, torch.Tensor]:
-        """One forward over whole fresh prompts, left-padded to the longest (positions restart
-        at 0 on each row's first real token); the rows join the batch. Logits (V,) per row."""
+        """One forward over the uncached part of every prompt of `group`; the rows join the batch.
+        Logits (V,) per row.
+
+        Every row's real tokens must end up contiguous and right-aligned (kv_batch.py's layout), so
+        with W = the longest uncached part, row i feeds its last min(W, len_i) prompt tokens,
+        re-computing the few cached ones that fill its gap, on top of the first len_i - W cached
+        columns (`_group_past`); a row with no cached prefix is a fresh prompt, left-padded.
+        Positions restart at 0 on each row's first real token."""
         lengths = [len(q.prompt_ids) for _, q in group]
-        width = max(lengths)
-        ids = [[0] * (width - n) + q.prompt_ids for n, (_, q) in zip(lengths, group, strict=True)]
-        mask = [[0] * (width - n) + [1] * n for n in lengths]
-        positions = [[0] * (width - n) + list(range(n)) for n in lengths]
-        padded = min(lengths) < width
+        width = max(n - q.filled for n, (_, q) in zip(lengths, group, strict=True))
+        kept = [max(0, n - width) for n in lengths]  # <= filled: the rows' cached columns reused
+        past = max(kept)
+        fed = [n - k for n, k in zip(lengths, kept, strict=True)]  # <= width
+        ids = [[0] * (width - f) + q.prompt_ids[k:] for f, k, (_, q) in zip(fed, kept, group, strict=True)]
+        mask = [[0] * (past - k) + [1] * k + [0] * (width - f) + [1] * f for k, f in zip(kept, fed, strict=True)]
+        positions = [[0] * (width - f) + list(range(k, k + f)) for k, f in zip(kept, fed, strict=True)]
+        padded = min(lengths) < past + width
         out = self.model(
             input_ids=torch.tensor(ids, device=self.device),
             attention_mask=torch.tensor(mask, device=self.device) if padded else None,
             position_ids=torch.tensor(positions, device=self.device),
-            cache=new_cache(self._config, record=self.prefix_cache is not None),
+            cache=self._group_past(group, kept),
             use_cache=True,
             logits_to_keep=1,
         )
         for row, (n, (_, seq)) in enumerate(zip(lengths, group, strict=True)):
-            self._remember(seq, out.cache, row, width - n)
-            seq.forwards, seq.joined = 1, True
+            self._remember(seq, out.cache, row, past + width - n)
+            seq.forwards, seq.joined, seq.cache = seq.forwards + 1, True, None
         self._batch.join([s for s, _ in group], out.cache, lengths)
         return {seq_id: out.logits[row, -1] for row, (seq_id, _) in enumerate(group)}
 

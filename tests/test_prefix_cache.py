@@ -118,6 +118,51 @@ def test_tiny_gemma_hits_while_others_run(tiny_loaded):
     assert sampler.prefix_cache is not None and sampler.prefix_cache.stats.hits == 2
 
 
+class _CountingForwards:
+    """Counts the model's forward calls (a forward hook on the whole model)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls = 0
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *_: object) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def test_tiny_gemma_burst_of_hits_prefills_in_one_forward(tiny_loaded):
+    # Clients sharing a long system prompt arrive together: their prefix hits (and a fresh
+    # prompt among them) prefill in ONE forward, each row re-computing the few cached tokens
+    # that line its uncached part up with the others', and every one gets its tokens alone.
+    model, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    system = tok("system: answer briefly and politely. " * 4)["input_ids"]
+    assert len(system) > 3 * 16
+    jobs = {
+        "a": (system + tok(" user: hi")["input_ids"], GREEDY),
+        "b": (system + tok(" user: what is a list in python?")["input_ids"], GREEDY),
+        "c": (system[:20] + tok(" user: short")["input_ids"], GREEDY),
+        "d": (tok("no shared prefix at all")["input_ids"], SamplingParams(max_tokens=24, temperature=0.7, seed=5)),
+    }
+    alone = {
+        k: _tokens(ARSampler(model, torch.device("cpu"), prefix_cache_mb=0), p, params)
+        for k, (p, params) in jobs.items()
+    }
+    sampler = ARSampler(model, torch.device("cpu"))
+    _tokens(sampler, system + [7])
+    counter = _CountingForwards(model)
+    try:
+        together = run_to_completion(sampler, jobs)
+    finally:
+        counter.close()
+    assert together.tokens == alone
+    assert sampler.prefix_cache is not None and sampler.prefix_cache.stats.hits >= 3
+    # One prefill forward for all four, then one decode forward per token of the longest.
+    assert counter.calls == 1 + max(len(t) for t in alone.values()) - 1
+    assert all(together.forward_passes[k] == len(alone[k]) for k in jobs)
+
+
 def test_scripted_models_run_without_a_prefix_cache():
     from tests.fakes import ScriptedModel, counting_script
 
