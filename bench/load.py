@@ -186,6 +186,15 @@ def _load_levels(
     return rows
 
 
+def _resolved_dtype(dtype: str) -> str:
+    """A dtype name as the server would load it here (`auto` resolved for this CPU), so the
+    peers load the same weights and the table names what ran."""
+    from sampler.runtime.loading import choose_dtype, resolve_device
+
+    chosen, _ = choose_dtype(dtype, resolve_device("auto"))
+    return str(chosen).removeprefix("torch.")
+
+
 def _peer_transformers_serve(
     model_dir: str, dtype: str, prompts: list[str], levels: list[int], max_tokens: int, requests_per_level: int
 ) -> list[dict[str, Any]]:
@@ -273,7 +282,9 @@ def run(argv: list[str]) -> int:
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--prompts", default="bench/prompts.jsonl")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--dtype", default=None, help="the weights' dtype (default: the config's; auto as the server resolves it)"
+    )
     p.add_argument(
         "--sampler",
         choices=SAMPLER_NAMES,
@@ -310,7 +321,9 @@ def run(argv: list[str]) -> int:
     from sampler.runtime.cpu_features import detect
     from server.config import load_config
 
-    config = load_config(args.config, {"dtype": args.dtype, **({"sampler": args.sampler} if args.sampler else {})})
+    overrides = {**({"dtype": args.dtype} if args.dtype else {}), **({"sampler": args.sampler} if args.sampler else {})}
+    config = load_config(args.config, overrides)
+    args.dtype = _resolved_dtype(config.dtype)
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if args.limit:
         prompts = prompts[: args.limit]
