@@ -1,8 +1,9 @@
 """A server process on a free loopback port, as the tests and `dgserve bench-load` run one.
 
-`LiveServer.dgserve(config)` starts `python -m server.cli`; any other OpenAI-compatible server
-(bench-load's `transformers serve` peer) starts from its command line. Shared by the tests and the
-benchmarks (bench must not import tests/).
+`LiveServer.dgserve(config)` starts `python -m server.cli`, `LiveServer.llama_server(...)` llama.cpp's
+server on a GGUF (the peer of `dgserve bench` and `dgserve bench-load`); any other OpenAI-compatible
+server (bench-load's `transformers serve` peer) starts from its command line. Shared by the tests and
+the benchmarks (bench must not import tests/).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -44,6 +46,41 @@ def metric_value(exposition: str, name: str) -> float:
 
 def dgserve_command(config: str, port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "server.cli", "--config", config, "--host", HOST, "--port", str(port), *extra]
+
+
+def llama_server_command(exe: str, gguf: Path, port: int, *, parallel: int, max_tokens: int, threads: int) -> list[str]:
+    """llama.cpp's server at `exe` on `gguf`: `parallel` slots (one per concurrent client), each
+    with room for a prompt and `max_tokens` (the context is split evenly between slots), and
+    `threads` threads (the benchmarks pass the torch thread count dgserve runs with)."""
+    per_slot = 1024 + max_tokens
+    return [
+        exe,
+        "-m",
+        str(gguf),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--parallel",
+        str(parallel),
+        "-c",
+        str(parallel * per_slot),
+        "-t",
+        str(threads),
+    ]
+
+
+def llama_server_gguf(config: Any) -> Path:
+    """The GGUF llama-server loads for a dgserve config: the built-in model's assembled file, or
+    the config's own .gguf; any other model has none (SystemExit, the benchmarks' CLI error)."""
+    from sampler.runtime.loading import builtin_gemma3_270m_gguf
+    from sampler.runtime.model import BUILTIN_GEMMA3_270M
+
+    if config.model == BUILTIN_GEMMA3_270M:
+        return builtin_gemma3_270m_gguf()
+    if str(config.model).endswith(".gguf"):
+        return Path(config.model).expanduser()
+    raise SystemExit(f"--peer-llama-server needs a GGUF model; {config.model} is not one")
 
 
 class LiveServer:
@@ -84,6 +121,14 @@ class LiveServer:
         port = free_port()
         environ = {**(os.environ if base_env is None else base_env), **(env or {})}
         return cls(dgserve_command(config, port, *extra), port, env=environ, log_path=log_path)
+
+    @classmethod
+    def llama_server(cls, exe: str, gguf: Path, *, parallel: int, max_tokens: int, threads: int) -> LiveServer:
+        """llama.cpp's `llama-server` at `exe` on `gguf` on a free port (`llama_server_command`);
+        ready when its /health answers 200 (it answers 503 while the model loads)."""
+        port = free_port()
+        command = llama_server_command(exe, gguf, port, parallel=parallel, max_tokens=max_tokens, threads=threads)
+        return cls(command, port, ready_path="/health")
 
     def wait_ready(self, timeout: float = 180.0) -> LiveServer:
         """Block until the readiness probe answers 200; on failure stop the process and raise."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench.live_server import LiveServer, free_port
+from bench.live_server import LiveServer, free_port, llama_server_gguf
 from bench.sse import aiter_sse_json
 
 
@@ -219,52 +219,18 @@ def _peer_transformers_serve(
         )
 
 
-def llama_server_command(exe: str, gguf: Path, port: int, parallel: int, max_tokens: int) -> list[str]:
-    """llama.cpp's server on `gguf`: `parallel` slots (one per client of the top level), each
-    with room for a prompt and `max_tokens` (the context is split evenly between slots), and
-    the torch thread count dgserve runs with."""
-    import torch
-
-    per_slot = 1024 + max_tokens
-    return [
-        exe,
-        "-m",
-        str(gguf),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--parallel",
-        str(parallel),
-        "-c",
-        str(parallel * per_slot),
-        "-t",
-        str(torch.get_num_threads()),
-    ]
-
-
 def _peer_llama_server(
     exe: str, gguf: Path, prompts: list[str], levels: list[int], max_tokens: int, requests_per_level: int
 ) -> list[dict[str, Any]]:
-    """llama.cpp's `llama-server` at `exe` on the same GGUF, prompts and levels, started on a free
-    loopback port and stopped after the levels."""
-    port = free_port()
-    command = llama_server_command(exe, gguf, port, max(levels), max_tokens)
-    with LiveServer(command, port, ready_path="/health") as peer:
+    """llama.cpp's `llama-server` at `exe` on the same GGUF, prompts and levels, one slot per
+    client of the top level, the torch thread count dgserve runs with; started on a free loopback
+    port and stopped after the levels."""
+    import torch
+
+    parallel, threads = max(levels), torch.get_num_threads()
+    with LiveServer.llama_server(exe, gguf, parallel=parallel, max_tokens=max_tokens, threads=threads) as peer:
         peer.wait_ready(timeout=600)
         return _load_levels(peer.base_url, gguf.name, prompts, levels, max_tokens, requests_per_level, "llama-server")
-
-
-def _peer_gguf(config: Any) -> Path:
-    """The GGUF llama-server loads: the built-in model's assembled file, or the config's .gguf."""
-    from sampler.runtime.loading import builtin_gemma3_270m_gguf
-    from sampler.runtime.model import BUILTIN_GEMMA3_270M
-
-    if config.model == BUILTIN_GEMMA3_270M:
-        return builtin_gemma3_270m_gguf()
-    if str(config.model).endswith(".gguf"):
-        return Path(config.model).expanduser()
-    raise SystemExit(f"--peer-llama-server needs a GGUF model; {config.model} is not one")
 
 
 def _print_peer(name: str, rows: list[dict[str, Any]]) -> None:
@@ -360,7 +326,7 @@ def run(argv: list[str]) -> int:
     llama_rows: list[dict[str, Any]] = []
     if args.peer_llama_server:
         llama_rows = _peer_llama_server(
-            args.peer_llama_server, _peer_gguf(config), prompts, levels, args.max_tokens, args.requests_per_level
+            args.peer_llama_server, llama_server_gguf(config), prompts, levels, args.max_tokens, args.requests_per_level
         )
     single = next((r for r in rows if r["concurrency"] == 1), None)
     for r in rows:

@@ -4,6 +4,8 @@ scripted measurements."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,8 +68,10 @@ def test_same_texts_checks_every_repeat_of_a_prompt():
 # ---- the llama-server peer, against a fake llama-server executable -----------------------------
 
 FAKE_LLAMA_SERVER = '''
-"""Stands in for llama.cpp's llama-server: records its argv, answers /health, streams
-/v1/completions as OpenAI chunks with one token per chunk and no usage (as some builds do)."""
+"""Stands in for llama.cpp's llama-server: records its argv and every request body next to the
+model file, answers /health, and /v1/completions with the prompt's first max_tokens words in
+upper case: streamed as OpenAI chunks with one token per chunk and no usage (as some builds do),
+or as one body with usage and llama-server's timings."""
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -88,12 +92,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open(opt["-m"] + ".requests.jsonl", "a") as f:
+            f.write(json.dumps(body) + "\\n")
+        words = [w.upper() + " " for w in body["prompt"].split()[: body["max_tokens"]]]
         self.send_response(200)
+        if not body.get("stream"):
+            usage = {"completion_tokens": len(words)}
+            timings = {"prompt_ms": 1.0, "predicted_ms": 2.0 * len(words)}
+            reply = {"choices": [{"index": 0, "text": "".join(words)}], "usage": usage, "timings": timings}
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(reply).encode())
+            return
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        words = body["prompt"].split()[: body["max_tokens"]]
         for word in words:
-            chunk = {"choices": [{"index": 0, "text": word.upper() + " ", "finish_reason": None}]}
+            chunk = {"choices": [{"index": 0, "text": word, "finish_reason": None}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\\n\\n".encode())
         self.wfile.write(b"data: [DONE]\\n\\n")
 
@@ -102,14 +116,19 @@ ThreadingHTTPServer((opt["--host"], int(opt["--port"])), Handler).serve_forever(
 '''
 
 
-def test_llama_server_peer_runs_the_binary_on_the_gguf_and_reads_its_stream(tmp_path):
-    import sys
-
-    exe = tmp_path / "llama-server"
+def fake_llama_server(folder: Path) -> tuple[Path, Path]:
+    """(executable, GGUF) of a fake llama-server in `folder` (FAKE_LLAMA_SERVER); it writes its
+    argv to `<gguf>.argv.json` and the request bodies to `<gguf>.requests.jsonl`."""
+    exe = folder / "llama-server"
     exe.write_text(f"#!{sys.executable}\n{FAKE_LLAMA_SERVER}")
     exe.chmod(0o755)
-    gguf = tmp_path / "model.gguf"
+    gguf = folder / "model.gguf"
     gguf.write_bytes(b"GGUF")
+    return exe, gguf
+
+
+def test_llama_server_peer_runs_the_binary_on_the_gguf_and_reads_its_stream(tmp_path):
+    exe, gguf = fake_llama_server(tmp_path)
     prompts = ["one two three four five", "six seven"]
     rows = load._peer_llama_server(str(exe), gguf, prompts, [1, 2], max_tokens=3, requests_per_level=0)
     argv = json.loads((tmp_path / "model.gguf.argv.json").read_text())
@@ -142,6 +161,8 @@ def test_tokens_fall_back_to_text_chunks_without_usage():
 def test_peer_gguf_is_the_builtin_file_or_the_configs(tmp_path):
     from types import SimpleNamespace
 
-    assert load._peer_gguf(SimpleNamespace(model=str(tmp_path / "x.gguf"))) == tmp_path / "x.gguf"
+    from bench.live_server import llama_server_gguf
+
+    assert llama_server_gguf(SimpleNamespace(model=str(tmp_path / "x.gguf"))) == tmp_path / "x.gguf"
     with pytest.raises(SystemExit, match="needs a GGUF"):
-        load._peer_gguf(SimpleNamespace(model="tiny-gemma3"))
+        llama_server_gguf(SimpleNamespace(model="tiny-gemma3"))
