@@ -21,6 +21,7 @@ from sampler.constrained import Matcher
 from sampler.logits import sample_tokens
 from sampler.logprobs import prompt_logprobs, token_logprobs
 from sampler.runtime.kv_batch import KVBatch
+from sampler.runtime.packed_prefill import last_rows, packed_masks, packed_positions, packing_layout, unpack_cache
 from sampler.runtime.prefix_cache import PrefixCache, PrefixCacheStats, cache_from_blocks, new_cache, row_block
 from sampler.sequence import check_prompt, commit_token, resolve_seed
 from sampler.types import Handover, SamplingParams, StepEvent, TokenLogprob
@@ -113,6 +114,7 @@ class ARSampler:
         usable = prefix_cache_mb > 0 and new_cache(self._config, record=True) is not None
         budget = int(prefix_cache_mb * 2**20)
         self.prefix_cache = PrefixCache(budget, prefix_block_size) if usable else None
+        self._packing = packing_layout(self._config)
 
     @property
     def num_active(self) -> int:
@@ -172,8 +174,19 @@ class ARSampler:
         batch.advance(mask)
         return out.logits[:, -1]
 
-    def _plan_group(self, waiting: list[tuple[str, _Sequence]]) -> list[tuple[str, _Sequence]]:
-        """Prompts (FIFO) whose uncached part fits the budget whole, padding included: one forward
+    def _plan_packed(self, waiting: list[tuple[str, _Sequence]]) -> list[tuple[str, _Sequence]]:
+        """Fresh prompts (FIFO) whose tokens together fit the budget: one packed forward, no padding."""
+        group: list[tuple[str, _Sequence]] = []
+        total = 0
+        for seq_id, seq in waiting:
+            n = len(seq.prompt_ids)
+            if seq.filled == 0 and seq.params.prompt_logprobs is None and total + n <= self.max_prefill_tokens:
+                group.append((seq_id, seq))
+                total += n
+        return group
+
+    def _plan_group(self, waiting: list[tuple[str, _Sequence]], budget: int) -> list[tuple[str, _Sequence]]:
+        """Prompts (FIFO) whose uncached part fits `budget` whole, padding included: one forward
         of width max(uncached part) over all of them (`_prefill_group`)."""
         group: list[tuple[str, _Sequence]] = []
         width = 0
@@ -183,20 +196,31 @@ class ARSampler:
             scoring = seq.params.prompt_logprobs is not None
             # A cached prefix is reused only from a recording cache (every column of every layer).
             reusable = seq.filled == 0 or self.prefix_cache is not None
-            if not scoring and reusable and (len(group) + 1) * max(width, n) <= self.max_prefill_tokens:
+            if not scoring and reusable and (len(group) + 1) * max(width, n) <= budget:
                 group.append((seq_id, seq))
                 width = max(width, n)
         return group
 
     def _prefill_some(self) -> dict[str, torch.Tensor]:
         """Spend this step's prefill budget; the logits (V,) of each sequence whose prompt is now
-        complete (it joined the batch). Padding costs what tokens cost, so it counts."""
+        complete (it joined the batch). Padding costs what tokens cost, so it counts.
+
+        Fresh prompts pack into one forward without padding where the model allows it; prompts
+        resuming a cached prefix share one padded forward; what is left of the budget goes to
+        the next prompt's chunk."""
         waiting = [(s, q) for s, q in self._seqs.items() if not q.joined]
         if not waiting:
             return {}
-        group = self._plan_group(waiting)
-        done = self._prefill_group(group) if group else {}
-        spent = len(group) * max((len(q.prompt_ids) - q.filled for _, q in group), default=0)
+        done: dict[str, torch.Tensor] = {}
+        spent = 0
+        packed = self._plan_packed(waiting) if self._packing is not None else []
+        if len(packed) > 1:  # a lone prompt gains nothing from packing: it needs no padding either
+            done.update(self._prefill_packed(packed))
+            spent = sum(len(q.prompt_ids) for _, q in packed)
+        group = self._plan_group([(s, q) for s, q in waiting if not q.joined], self.max_prefill_tokens - spent)
+        if group:
+            spent += len(group) * max(len(q.prompt_ids) - q.filled for _, q in group)
+            done.update(self._prefill_group(group))
         for seq_id, seq in waiting:
             if seq.joined:
                 continue
@@ -211,6 +235,31 @@ class ARSampler:
             if logits is not None:
                 done[seq_id] = logits
         return done
+
+    @torch.inference_mode()
+    def _prefill_packed(self, group: list[tuple[str, _Sequence]]) -> dict[str, torch.Tensor]:
+        """One forward over fresh prompts end to end in one row (sampler/runtime/packed_prefill.py);
+        the rows join the batch. Logits (V,) per row."""
+        assert self._packing is not None
+        layer_types, window = self._packing
+        lengths = [len(q.prompt_ids) for _, q in group]
+        positions, segments = packed_positions(lengths)
+        masks = packed_masks(layer_types, window, positions, segments)
+        out = self.model(
+            input_ids=torch.tensor([[t for _, q in group for t in q.prompt_ids]], device=self.device),
+            position_ids=positions[None].to(self.device),
+            attention_mask={kind: mask.to(self.device) for kind, mask in masks.items()},
+            cache=new_cache(self._config, record=True),
+            use_cache=True,
+            logits_to_keep=last_rows(lengths).to(self.device),
+        )
+        cache = unpack_cache(out.cache, lengths)
+        width = max(lengths)
+        for row, (n, (_, seq)) in enumerate(zip(lengths, group, strict=True)):
+            self._remember(seq, cache, row, width - n)
+            seq.forwards, seq.joined = 1, True
+        self._batch.join([s for s, _ in group], cache, lengths)
+        return {seq_id: out.logits[0, row] for row, (seq_id, _) in enumerate(group)}
 
     def _group_past(self, group: list[tuple[str, _Sequence]], kept: list[int]) -> Any:
         """The cache a group forward starts from: row i holds the first `kept[i]` columns of its
