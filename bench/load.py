@@ -130,6 +130,8 @@ def _http_overhead(
             r = await _one(client, model, prompt, max_tokens)
         return r["tokens"], r["latency_s"]
 
+    if not prompts:  # --overhead-prompts 0: not measured
+        return {}
     in_process(prompts[0])  # warm-up, both sides
     asyncio.run(over_http(prompts[0]))
     totals = {"http": [0, 0.0], "in_process": [0, 0.0]}
@@ -365,11 +367,12 @@ def run(argv: list[str]) -> int:
         )
     _print_peer("transformers serve", peer_rows)
     _print_peer("llama-server", llama_rows)
-    print(
-        f"HTTP overhead, one client, alternating prompt by prompt with the in-process {config.sampler} sampler: "
-        f"{out['http_single_client_tokens_per_s']:.1f} vs {out['in_process_tokens_per_s']:.1f} tok/s "
-        f"({100 * out['http_overhead']:.1f} %)"
-    )
+    if "http_overhead" in out:
+        print(
+            f"HTTP overhead, one client, alternating prompt by prompt with the in-process {config.sampler} sampler: "
+            f"{out['http_single_client_tokens_per_s']:.1f} vs {out['in_process_tokens_per_s']:.1f} tok/s "
+            f"({100 * out['http_overhead']:.1f} %)"
+        )
     print(
         f"the {config.sampler} sampler in process, {top['concurrency']} sequences always in flight, same requests: "
         f"{top['in_process_tokens_per_s']:.1f} tok/s (HTTP: {top['aggregate_tokens_per_s']:.1f})"

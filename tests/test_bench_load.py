@@ -31,6 +31,11 @@ def test_bench_load_smoke(tmp_path, dgserve_cli):
     assert "conc" in proc.stdout  # the table
 
 
+def test_http_overhead_with_no_prompts_is_not_measured():
+    # `--overhead-prompts 0` skips the measurement (it crashed on the warm-up's prompts[0]).
+    assert load._http_overhead("http://127.0.0.1:9", "m", None, None, [], 8) == {}
+
+
 def test_http_overhead_weighs_tokens_over_time_and_skips_the_warm_ups(monkeypatch):
     # (tokens, seconds) per call: the warm-up first on each side, then prompts "a" and "b".
     http = iter([(1, 100.0), (10, 1.0), (30, 2.0)])
