@@ -26,7 +26,7 @@ _LOCK = threading.Lock()
 
 def llg_tokenizer(hf_tokenizer: Any) -> llguidance.LLTokenizer:
     """llguidance's view of a transformers fast tokenizer, built once per tokenizer object: the
-    first call builds it (Gemma's 262,144 tokens take 5-7 s, holding the GIL; see docs), later
+    first call builds it (Gemma's 262,144 tokens take 4-7 s, holding the GIL; see docs), later
     calls return it. Keyed by identity: the tokenizer is kept alive with its entry so the id
     cannot be reused. A caller arriving during the build waits for it rather than building twice."""
     with _LOCK:

@@ -25,7 +25,7 @@ log = logging.getLogger("dgserve.app")
 
 def prepare_structured_output(loaded: LoadedModel) -> None:
     """Build llguidance's tokenizer now, so the first `response_format` / `text.format` JSON
-    request does not pay it (5-7 s on Gemma's vocabulary; docs/openai.md, "Structured output").
+    request does not pay it (4-7 s on Gemma's vocabulary; docs/openai.md, "Structured output").
 
     It runs in the start-up step, before the engine starts, not on a background thread: the
     build holds the GIL throughout, so a thread would freeze the event loop and the model thread
