@@ -81,6 +81,32 @@ def sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
     return tokens
 
 
+# A JSON document must close within max_tokens: with this many tokens or fewer left, every step
+# asks how many a closing needs (sampler/constrained.py `Matcher.closing`), and commits the
+# closing once fewer than _CLOSE_MARGIN free tokens would remain beside it (one more free token
+# can lengthen a closing by a few: a new string, array or object to end).
+_CLOSE_WINDOW = 64
+_CLOSE_MARGIN = 3
+
+
+def _close_if_due(seq: _Sequence, event: StepEvent) -> None:
+    """Close a JSON sequence's document now if the budget left barely holds its closing: the
+    closing's tokens join this event (no forward: the sequence ends) and it finishes with
+    "length". Not with logprobs (a closing token has no distribution of its own)."""
+    assert seq.matcher is not None
+    left = seq.params.max_tokens - len(seq.generated)
+    if seq.params.logprobs is not None or not 0 < left <= _CLOSE_WINDOW:
+        return
+    closing = seq.matcher.closing(left)
+    if closing is None or len(closing) < left - _CLOSE_MARGIN:
+        return
+    for token in closing:
+        seq.matcher.advance(token)
+    seq.generated += closing
+    event.token_ids = [*event.token_ids, *closing]
+    event.finish_reason = "length"
+
+
 # Prompt tokens prefilled per step and the prefix cache's budget; docs/load.md says why.
 DEFAULT_MAX_PREFILL_TOKENS = 512
 DEFAULT_PREFIX_CACHE_MB = 512.0
@@ -355,12 +381,14 @@ class ARSampler:
     def _commit(seq: _Sequence, token: int, logits: torch.Tensor) -> StepEvent:
         """Commit `token`, drawn from (1, V) `logits`; its logprob only if the request asked."""
         event = commit_token(seq.generated, token, seq.params)
+        if seq.params.logprobs is not None and event.token_ids:
+            event.logprobs = token_logprobs(logits, event.token_ids, seq.params.logprobs)
         if seq.matcher is not None and event.token_ids:
             seq.matcher.advance(token)
             if seq.matcher.done:  # the JSON document is complete: nothing may follow it
                 event.finish_reason = "stop"
-        if seq.params.logprobs is not None and event.token_ids:
-            event.logprobs = token_logprobs(logits, event.token_ids, seq.params.logprobs)
+            elif event.finish_reason is None:
+                _close_if_due(seq, event)
         return event
 
     def step(self) -> dict[str, StepEvent]:

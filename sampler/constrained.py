@@ -18,10 +18,19 @@ from typing import Any
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 
 _TOKENIZERS: dict[int, tuple[Any, llguidance.LLTokenizer]] = {}
 _LOCK = threading.Lock()
+# Closing a document before max_tokens (`Matcher.closing`): the pieces tried first, by where the
+# document is: inside a string, end it; else close the innermost container; else the shortest
+# values and separators. Only pieces that are one token in the vocabulary are used.
+_END_STRING = ['"']
+_CLOSE = {"{": ["}"], "[": ["]"]}
+_FILLERS = ["0", "null", "false", '""', "[]", "{}", ":", ","]
+_CLOSERS: dict[int, dict[str, int]] = {}  # id(LLTokenizer) -> piece -> token id
+_TOKEN_BYTES: dict[int, np.ndarray] = {}  # id(LLTokenizer) -> (V,) byte length per token (0 = special)
 
 
 def llg_tokenizer(hf_tokenizer: Any) -> llguidance.LLTokenizer:
@@ -68,6 +77,8 @@ class Matcher:
         if self._matcher.is_error():
             raise ValueError(self._matcher.get_error())
         self._stop_ids = sorted(stop_token_ids)
+        self._tokenizer = grammar.tokenizer
+        self._consumed: list[int] = []  # the document's tokens so far (where a closing starts)
         # (1, ceil(V / 32)) int32: bit j of word i allows token 32 * i + j.
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, grammar.tokenizer.vocab_size)
 
@@ -85,8 +96,101 @@ class Matcher:
         """Consume a committed (non-stop) token; it was drawn under `mask_`, so it is allowed."""
         if not self._matcher.consume_token(token):
             raise RuntimeError(f"grammar rejected token {token}: {self._matcher.get_error()}")
+        self._consumed.append(token)
 
     @property
     def done(self) -> bool:
         """The document is complete and nothing may follow it."""
         return bool(self._matcher.is_stopped())
+
+    def closing(self, limit: int) -> list[int] | None:
+        """Tokens that complete the document from here, at most `limit` of them, or None.
+
+        Found greedily on a copy of the matcher (the sequence's own is untouched), every token
+        checked by the grammar, so the completed document parses and validates: tokens the
+        grammar forces, else the first allowed closing piece for where the text is (end the
+        string, close the innermost container, the shortest value or separator), else the
+        allowed token with the shortest text. Not always the shortest completion; docs/openai.md
+        ("Structured output") says what a max_tokens cut returns.
+        """
+        sim = self._matcher.deep_copy()
+        state = _JsonState()
+        state.feed(self._tokenizer.decode_bytes(self._consumed))
+        out: list[int] = []
+        while len(out) <= limit:
+            if sim.is_accepting():
+                return out
+            step = sim.compute_ff_tokens() or self._closing_token(sim, state)
+            if not step or not sim.consume_tokens(step):
+                return None
+            state.feed(self._tokenizer.decode_bytes(step))
+            out += step
+        return None
+
+    def _closing_token(self, sim: Any, state: _JsonState) -> list[int]:
+        pieces = _END_STRING if state.in_string else _CLOSE.get(state.innermost, []) + _FILLERS
+        closers = _closer_ids(self._tokenizer)
+        for piece in pieces:
+            token = closers.get(piece)
+            if token is not None and sim.validate_tokens([token]) == 1:
+                return [token]
+        allowed = np.flatnonzero(np.unpackbits(np.frombuffer(sim.compute_bitmask(), np.uint8), bitorder="little"))
+        sizes = _token_bytes(self._tokenizer)
+        allowed = allowed[(allowed < len(sizes)) & (sizes[np.minimum(allowed, len(sizes) - 1)] > 0)]
+        return [int(allowed[np.argmin(sizes[allowed])])] if len(allowed) else []
+
+
+class _JsonState:
+    """Where a JSON text is, as far as closing it goes: inside a string or not, and the open
+    containers. Fed bytes as tokens are consumed."""
+
+    def __init__(self) -> None:
+        self.in_string = False
+        self._escaped = False
+        self._stack: list[str] = []
+
+    @property
+    def innermost(self) -> str:
+        return self._stack[-1] if self._stack else ""
+
+    def feed(self, data: bytes) -> None:
+        for ch in data.decode("utf-8", errors="replace"):
+            if self.in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self._stack.append(ch)
+            elif ch in "}]" and self._stack:
+                self._stack.pop()
+
+
+def _closer_ids(tokenizer: llguidance.LLTokenizer) -> dict[str, int]:
+    """The closing pieces that are a single token of `tokenizer`, built once per tokenizer."""
+    with _LOCK:
+        found = _CLOSERS.get(id(tokenizer))
+        if found is None:
+            pieces = _END_STRING + [p for ps in _CLOSE.values() for p in ps] + _FILLERS
+            found = {p: ids[0] for p in pieces if len(ids := tokenizer.tokenize_str(p)) == 1}
+            _CLOSERS[id(tokenizer)] = found
+        return found
+
+
+def _token_bytes(tokenizer: llguidance.LLTokenizer) -> np.ndarray:
+    """(V,) each token's text length in bytes, 0 for special tokens, built once per tokenizer."""
+    with _LOCK:
+        sizes = _TOKEN_BYTES.get(id(tokenizer))
+        if sizes is None:
+            sizes = np.array(
+                [
+                    0 if tokenizer.is_special_token(i) else len(tokenizer.decode_bytes([i]))
+                    for i in range(tokenizer.vocab_size)
+                ]
+            )
+            _TOKEN_BYTES[id(tokenizer)] = sizes
+        return sizes

@@ -135,6 +135,50 @@ def test_cut_outputs_are_prefixes_the_grammar_accepts(tiny_loaded):
         assert matcher.validate_tokens(ids) == len(ids) == 4 + int(seq_id)
 
 
+def _run_json(loaded, grammar, budgets: list[int], **extra) -> dict[str, tuple[list[int], str]]:
+    sampler = ARSampler(loaded.model, loaded.model.device, prefix_cache_mb=0)
+    stop = frozenset(loaded.eos_token_ids)
+    for i, budget in enumerate(budgets):
+        params = SamplingParams(max_tokens=budget, seed=i, stop_token_ids=stop, grammar=grammar, **extra)
+        sampler.add(str(i), [2, 40 + i, 120], params)
+    out: dict[str, tuple[list[int], str]] = {}
+    while sampler.num_active:
+        for seq_id, event in sampler.step().items():
+            tokens, _ = out.get(seq_id, ([], ""))
+            out[seq_id] = (tokens + event.token_ids, event.finish_reason or "")
+    return out
+
+
+@pytest.mark.parametrize("schema", [SCHEMA, None], ids=["json_schema", "json_object"])
+def test_outputs_cut_by_max_tokens_still_parse_and_validate(tiny_loaded, one_torch_thread, schema):
+    """With a budget that holds a complete document the sampler closes it in time (the closing's
+    tokens come with the last event, finish_reason "length"), at temperature 1.0 over many seeds."""
+    grammar = json_grammar(tiny_loaded.tokenizer, schema)
+    # The schema's shortest document is about 30 tiny tokens; budgets from just past it up.
+    budgets = list(range(32, 52)) if schema else list(range(4, 24))
+    out = _run_json(tiny_loaded, grammar, budgets)
+    reasons = []
+    for seq_id, (tokens, reason) in out.items():
+        assert len(tokens) <= budgets[int(seq_id)]
+        text = tiny_loaded.tokenizer.decode(tokens)
+        value = json.loads(text)
+        jsonschema.validate(value, schema or {"type": "object"})
+        reasons.append(reason)
+    assert "length" in reasons  # some documents were closed by the budget, not by the model
+
+
+def test_a_closing_is_not_forced_on_requests_that_want_logprobs(tiny_loaded, one_torch_thread):
+    # A closing's tokens have no distribution of their own: with logprobs every event keeps one
+    # entry per token, so no closing was appended (the budget may then cut the document).
+    grammar = json_grammar(tiny_loaded.tokenizer, None)
+    sampler = ARSampler(tiny_loaded.model, tiny_loaded.model.device, prefix_cache_mb=0)
+    for i in range(6):
+        sampler.add(str(i), [2, 40 + i, 120], SamplingParams(max_tokens=6, seed=i, grammar=grammar, logprobs=0))
+    while sampler.num_active:
+        for event in sampler.step().values():
+            assert event.logprobs is not None and len(event.logprobs) == len(event.token_ids) <= 1
+
+
 def test_block_diffusion_refuses_json_with_the_reason():
     from sampler.runtime.loading import load_model
     from server.errors import APIError
