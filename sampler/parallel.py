@@ -77,6 +77,9 @@ class ParallelSampler:
       lean_below      exact mode: below this many verified guesses per forward (moving average)
                       send only strong context matches (0: never)
       probe_every     while lean, every probe_every-th forward is a full one
+      max_handover_tokens  a sequence whose context (prompt + generated) is longer stays here
+                      when the engine gets busy (`detach` refuses): the receiving sampler would
+                      prefill it all again, which costs more than it saves for long contexts
       batched         one forward per step carries every running sequence's tree (False: one
                       forward per sequence, the reference the batched path is tested against)
     """
@@ -98,6 +101,7 @@ class ParallelSampler:
         shortlist_size: int = 4096,
         lean_below: float = 1.0,
         probe_every: int = 8,
+        max_handover_tokens: int = 2048,
         batched: bool = True,
     ) -> None:
         if block_size < 1 or candidate_len < 1 or max_candidates < 0 or key_len < 1 or shortlist_size < 0:
@@ -113,6 +117,7 @@ class ParallelSampler:
         self.trajectory_per_key = trajectory_per_key
         self.steps = steps
         self.batched = batched
+        self.max_handover_tokens = max_handover_tokens
         # Rows past ~16 cost a forward more and more (the body's GEMMs stop being weight-bound).
         self.max_tree_nodes = max(max_tree_nodes, block_size)
         if probe_every < 1:
@@ -185,9 +190,13 @@ class ParallelSampler:
 
     def detach(self, seq_id: str) -> Handover | None:
         """Give up a running sequence (HandsOver): every committed token was already reported in
-        the step that committed it, so the hand-over carries exactly what the client has."""
-        seq = self._seqs.pop(seq_id, None)
-        return None if seq is None else Handover(list(seq.generated), seq.seed)
+        the step that committed it, so the hand-over carries exactly what the client has. A
+        context longer than `max_handover_tokens` stays (None): re-prefilling it costs more."""
+        seq = self._seqs.get(seq_id)
+        if seq is None or len(seq.pool.tokens) > self.max_handover_tokens:
+            return None
+        del self._seqs[seq_id]
+        return Handover(list(seq.generated), seq.seed)
 
     def step(self) -> dict[str, StepEvent]:
         """One forward per sequence taking part: sequences with a cache share one batched forward

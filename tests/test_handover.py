@@ -60,3 +60,14 @@ def test_after_the_hand_over_each_step_is_one_ar_forward(tiny_loaded, one_torch_
     assert alone.sampler == "ar"
     assert all(f == 1 and n == 1 for f, n in zip(forwards[2:], tokens[2:], strict=True))
     assert sum(tokens) == 30
+
+
+def test_a_long_context_stays_on_parallel(tiny_loaded, one_torch_thread):
+    # Handing over costs a prefill of the whole context on ar; past max_handover_tokens it stays.
+    sampler = build_sampler("parallel", tiny_loaded, {"max_handover_tokens": 8})
+    sampler.add("short", [5, 9, 17], SamplingParams(max_tokens=20, temperature=0))
+    sampler.add("long", list(range(5, 15)), SamplingParams(max_tokens=20, temperature=0))
+    sampler.step()
+    assert sampler.detach("long") is None and sampler.num_active == 2
+    handover = sampler.detach("short")
+    assert handover is not None and handover.generated and sampler.num_active == 1
