@@ -110,7 +110,8 @@ class LeanGemma3Layer(nn.Module):
         self.qk_eps = float(attn.q_norm.eps)
         half = self.head_dim // 2
         # rotate_half(x) = cat(-x2, x1) = flip(halves) * [-1]*half + [+1]*half
-        self.register_buffer("rotate_sign", torch.cat([-torch.ones(half), torch.ones(half)]), persistent=False)
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(attn.q_proj.weight.device)
+        self.register_buffer("rotate_sign", sign, persistent=False)
 
     def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of (B, H, T, D) with (B, T, D) tables, as transformers computes it."""
