@@ -9,19 +9,13 @@ import torch
 from transformers import DynamicCache
 
 from sampler.runtime.lean_gemma3 import LeanGemma3Layer, make_lean
-from sampler.runtime.tiny import EOS, build_tiny_gemma3, build_tiny_tokenizer
+from sampler.runtime.loading import _load_tiny_gemma3
 
 
 def _tiny_pair(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A tiny Gemma 3 with random norm weights too (the tiny builder leaves them at 0, i.e. a
     scale of 1, which would not exercise the folded `1 + weight`), and its lean copy."""
-    tok = build_tiny_tokenizer()
-    ref = build_tiny_gemma3(
-        len(tok),
-        eos_token_id=tok.convert_tokens_to_ids(EOS),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
+    ref = _load_tiny_gemma3(torch.float32, torch.device("cpu")).model  # transformers' own layers
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in ref.named_parameters():

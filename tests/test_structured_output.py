@@ -113,28 +113,6 @@ def test_bad_response_format_is_400_naming_it(tiny_server, response_format, mess
         assert error["param"].startswith("response_format") and message in error["message"]
 
 
-def test_cut_outputs_are_prefixes_the_grammar_accepts(tiny_loaded):
-    """Under max_tokens the sampler commits only tokens the grammar allows: a fresh matcher
-    accepts every one of them (an unmasked random model's tokens would not be)."""
-    grammar = json_grammar(tiny_loaded.tokenizer, SCHEMA)
-    sampler = ARSampler(tiny_loaded.model, tiny_loaded.model.device, prefix_cache_mb=0)
-    stop = frozenset(tiny_loaded.eos_token_ids)
-    for i in range(8):
-        params = SamplingParams(max_tokens=4 + i, seed=i, stop_token_ids=stop, grammar=grammar)
-        sampler.add(str(i), [2, 40, 120], params)
-    tokens: dict[str, list[int]] = {}
-    reasons = {}
-    while sampler.num_active:
-        for seq_id, event in sampler.step().items():
-            tokens.setdefault(seq_id, []).extend(event.token_ids)
-            if event.finish_reason is not None:
-                reasons[seq_id] = event.finish_reason
-    assert set(reasons.values()) == {"length"}
-    for seq_id, ids in tokens.items():
-        matcher = llguidance.LLMatcher(grammar.tokenizer, grammar.text)
-        assert matcher.validate_tokens(ids) == len(ids) == 4 + int(seq_id)
-
-
 def _run_json(loaded, grammar, budgets: list[int], **extra) -> dict[str, tuple[list[int], str]]:
     sampler = ARSampler(loaded.model, loaded.model.device, prefix_cache_mb=0)
     stop = frozenset(loaded.eos_token_ids)
@@ -147,6 +125,17 @@ def _run_json(loaded, grammar, budgets: list[int], **extra) -> dict[str, tuple[l
             tokens, _ = out.get(seq_id, ([], ""))
             out[seq_id] = (tokens + event.token_ids, event.finish_reason or "")
     return out
+
+
+def test_cut_outputs_are_prefixes_the_grammar_accepts(tiny_loaded):
+    """Under max_tokens too small for any document the sampler commits only tokens the grammar
+    allows: a fresh matcher accepts every one of them (an unmasked random model's would not be)."""
+    grammar = json_grammar(tiny_loaded.tokenizer, SCHEMA)
+    out = _run_json(tiny_loaded, grammar, [4 + i for i in range(8)])
+    assert {reason for _, reason in out.values()} == {"length"}
+    for seq_id, (ids, _) in out.items():
+        matcher = llguidance.LLMatcher(grammar.tokenizer, grammar.text)
+        assert matcher.validate_tokens(ids) == len(ids) == 4 + int(seq_id)
 
 
 @pytest.mark.parametrize("schema", [SCHEMA, None], ids=["json_schema", "json_object"])
