@@ -98,6 +98,46 @@ class Matcher:
             raise RuntimeError(f"grammar rejected token {token}: {self._matcher.get_error()}")
         self._consumed.append(token)
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order from here, the grammar allows (the state is untouched).
+        Stop tokens count as forbidden: a guess holding one is cut before it (the parallel
+        sampler's tree pruning; its walk can still draw the stop token, docs/parallel.md)."""
+        return int(self._matcher.validate_tokens(tokens)) if tokens else 0
+
+    def forced(self) -> int | None:
+        """The one token the grammar allows next, or None (several, or the document may end
+        here, where the stop tokens are allowed too). Such a token is what any masked draw
+        picks, greedy or sampled, so committing it without a forward changes no output."""
+        if self._matcher.is_accepting() or self._matcher.is_stopped():
+            return None
+        ff = self._matcher.compute_ff_tokens()  # cheap: empty unless bytes are forced
+        if not ff:
+            return None
+        llguidance.torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        words = self._bitmask[0].numpy().view(np.uint32)
+        nonzero = np.flatnonzero(words)
+        # Exactly one bit set: one word holding a power of two.
+        if len(nonzero) != 1 or int(words[nonzero[0]]) & (int(words[nonzero[0]]) - 1):
+            return None
+        token = 32 * int(nonzero[0]) + int(words[nonzero[0]]).bit_length() - 1
+        return token
+
+    def tree_masks(self, paths: list[list[int]]) -> TreeMasks:
+        """The masks of several draw rows at once: row i's allowed next tokens after `paths[i]`
+        from here (each path allowed by the grammar: the parallel sampler pruned its tree with
+        `valid_prefix`). Computed on a copy of the state, which rolls back after each path."""
+        sim = self._matcher.deep_copy()
+        bitmask = llguidance.torch.allocate_token_bitmask(len(paths), self._tokenizer.vocab_size)
+        accepting: list[bool] = []
+        for row, path in enumerate(paths):
+            if path and not sim.consume_tokens(path):
+                raise RuntimeError(f"grammar rejected a pruned path: {sim.get_error()}")
+            llguidance.torch.fill_next_token_bitmask(sim, bitmask, row)
+            accepting.append(bool(sim.is_accepting()))
+            if path:
+                sim.rollback(len(path))
+        return TreeMasks(bitmask, accepting, self._stop_ids)
+
     @property
     def done(self) -> bool:
         """The document is complete and nothing may follow it."""
@@ -138,6 +178,36 @@ class Matcher:
         sizes = _token_bytes(self._tokenizer)
         allowed = allowed[(allowed < len(sizes)) & (sizes[np.minimum(allowed, len(sizes) - 1)] > 0)]
         return [int(allowed[np.argmin(sizes[allowed])])] if len(allowed) else []
+
+
+class TreeMasks:
+    """The grammar's masks for the R draw rows of one parallel forward (`Matcher.tree_masks`),
+    applied exactly as `Matcher.mask_` applies one: forbidden tokens -inf, and on rows where the
+    document may end the sequence's stop tokens keep their logits."""
+
+    def __init__(self, bitmask: torch.Tensor, accepting: list[bool], stop_ids: list[int]) -> None:
+        self.bitmask = bitmask  # (R, ceil(V / 32)) int32
+        self.accepting = accepting
+        self.stop_ids = stop_ids
+
+    def mask_(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Mask (k, V) `logits` in place, row j with the mask of draw row rows[j]."""
+        ending = [j for j, r in enumerate(rows) if self.accepting[r]] if self.stop_ids else []
+        saved = logits[ending][:, self.stop_ids].clone() if ending else None
+        llguidance.torch.apply_token_bitmask_inplace(logits, self.bitmask[rows].to(logits.device))
+        if saved is not None:
+            logits[torch.tensor(ending)[:, None], torch.tensor(self.stop_ids)[None, :]] = saved
+
+    def allowed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(R, S) bool: which of the token `ids` (S,) each row allows (stop tokens included where
+        the document may end). For masking the shortlist's cheap guesses."""
+        ids = ids.long()
+        words = self.bitmask[:, (ids >> 5).clamp(max=self.bitmask.shape[1] - 1)]  # (R, S) int32
+        bits = ((words >> (ids & 31).int()) & 1).bool() & (ids < 32 * self.bitmask.shape[1])
+        if self.stop_ids:
+            stops = torch.isin(ids, torch.tensor(self.stop_ids))
+            bits |= stops[None, :] & torch.tensor(self.accepting)[:, None]
+        return bits
 
 
 class _JsonState:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from sampler.ar import _CLOSE_MARGIN, _CLOSE_WINDOW
+from sampler.constrained import Matcher
 from sampler.logits import softcap
 from sampler.logprobs import token_logprobs
 from sampler.ngram_pool import NgramPool
@@ -46,6 +48,10 @@ class _Sequence:
     block_forwards: int = 0  # refinement forwards spent on the current block
     accept_avg: float = 1.0  # moving average of verified tree tokens per forward
     lean_run: int = 0  # consecutive lean forwards (see ParallelSampler._build_tree)
+    matcher: Matcher | None = None  # response_format: the grammar's state after the context
+    # Tokens committed before the sequence's first forward (a grammar's forced opening); they
+    # are reported with the first forward's event.
+    opening: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +88,8 @@ class ParallelSampler:
                       prefill it all again, which costs more than it saves for long contexts
       batched         one forward per step carries every running sequence's tree (False: one
                       forward per sequence, the reference the batched path is tested against)
+      commit_forced   with a grammar, commit the tokens it forces (the only one allowed) without
+                      a forward (False: every token takes a draw row; bench/json_forward.py)
     """
 
     name = "parallel"
@@ -103,6 +111,7 @@ class ParallelSampler:
         probe_every: int = 8,
         max_handover_tokens: int = 2048,
         batched: bool = True,
+        commit_forced: bool = True,
     ) -> None:
         if block_size < 1 or candidate_len < 1 or max_candidates < 0 or key_len < 1 or shortlist_size < 0:
             raise ValueError("block_size, candidate_len, key_len must be >= 1; max_candidates, shortlist_size >= 0")
@@ -117,6 +126,7 @@ class ParallelSampler:
         self.trajectory_per_key = trajectory_per_key
         self.steps = steps
         self.batched = batched
+        self.commit_forced = commit_forced
         self.max_handover_tokens = max_handover_tokens
         # Rows past ~16 cost a forward more and more (the body's GEMMs stop being weight-bound).
         self.max_tree_nodes = max(max_tree_nodes, block_size)
@@ -167,9 +177,10 @@ class ParallelSampler:
         steps = params.parallel.steps if params.parallel.steps is not None else self.steps
         if steps is not None and steps < 1:
             raise ValueError("steps must be >= 1")
-        if steps is not None and steps >= self.block_size:
+        if steps is not None and (steps >= self.block_size or params.grammar is not None):
             # Every forward verifies at least one token, so a block never runs out of steps:
             # this is exact mode (and may use lean forwards, which a forced commit could not).
+            # A grammar runs exact too: an unverified draft token may be one it forbids.
             steps = None
         pool = NgramPool(self.key_len, self.trajectory_per_key)
         pool.extend(list(prompt_ids))
@@ -183,6 +194,7 @@ class ParallelSampler:
             pool,
             shortlist,
             block_end=len(prompt_ids) + self.block_size - 1,
+            matcher=None if params.grammar is None else Matcher(params.grammar, params.stop_token_ids),
         )
 
     def cancel(self, seq_id: str) -> None:
@@ -191,9 +203,10 @@ class ParallelSampler:
     def detach(self, seq_id: str) -> Handover | None:
         """Give up a running sequence (HandsOver): every committed token was already reported in
         the step that committed it, so the hand-over carries exactly what the client has. A
-        context longer than `max_handover_tokens` stays (None): re-prefilling it costs more."""
+        context longer than `max_handover_tokens` stays (None): re-prefilling it costs more, and
+        so does one with a grammar (its matcher state does not travel; docs/parallel.md)."""
         seq = self._seqs.get(seq_id)
-        if seq is None or len(seq.pool.tokens) > self.max_handover_tokens:
+        if seq is None or len(seq.pool.tokens) > self.max_handover_tokens or seq.matcher is not None:
             return None
         del self._seqs[seq_id]
         return Handover(list(seq.generated), seq.seed)
@@ -202,8 +215,13 @@ class ParallelSampler:
         """One forward per sequence taking part: sequences with a cache share one batched forward
         (when `batched`); a newcomer's first forward (its prompt plus a tree) runs alone."""
         events: dict[str, StepEvent] = {}
+        for seq_id, seq in self._seqs.items():
+            if seq.cache is None and not seq.generated:
+                opening = self._open(seq)
+                if opening.finish_reason is not None:  # the forced tokens alone ended it
+                    events[seq_id] = opening
         if self.batched:
-            running = {seq_id: seq for seq_id, seq in self._seqs.items() if seq.cache is not None}
+            running = {s: seq for s, seq in self._seqs.items() if seq.cache is not None and s not in events}
             if running:
                 events.update(self._step_batch(running))
         for seq_id, seq in list(self._seqs.items()):
@@ -259,6 +277,7 @@ class ParallelSampler:
             params=seq.params,
             seed=seq.seed,
             shortlist=seq.shortlist,
+            masks=None if seq.matcher is None else seq.matcher.tree_masks(plan.tree.paths()),
         )
 
     def _build_tree(self, seq: _Sequence, depth_cap: int) -> tuple[GuessTree, list[int]]:
@@ -272,6 +291,8 @@ class ParallelSampler:
         """
         if depth_cap <= 0:
             return GuessTree(), []
+        # A grammar cuts every guess at its first forbidden token: it could never verify.
+        valid = None if seq.matcher is None else seq.matcher.valid_prefix
         # A client watching refinements gets a refined draft every step, so never lean then.
         lean = (
             seq.steps is None
@@ -283,10 +304,10 @@ class ParallelSampler:
         cand_len = min(self.candidate_len, depth_cap)
         if lean:
             candidates = seq.pool.candidates(self.max_candidates, cand_len, min_key=2)
-            return guess_tree([], 0, candidates, self.max_tree_nodes, seq.pool.tokens[-1])
+            return guess_tree([], 0, candidates, self.max_tree_nodes, seq.pool.tokens[-1], valid)
         candidates = seq.pool.candidates(self.max_candidates, cand_len)
         return guess_tree(
-            seq.draft, min(self.block_size, depth_cap), candidates, self.max_tree_nodes, seq.pool.tokens[-1]
+            seq.draft, min(self.block_size, depth_cap), candidates, self.max_tree_nodes, seq.pool.tokens[-1], valid
         )
 
     def _forward(self, seq: _Sequence, tree: GuessTree) -> torch.Tensor:
@@ -389,6 +410,8 @@ class ParallelSampler:
             seq.pool.add_trajectory(tree.tokens[n], draft_preds[i : i + self.candidate_len])
 
         event = self._commit(seq, accepted)
+        if seq.opening:
+            event.token_ids[:0], seq.opening = seq.opening, []
         if event.finish_reason is None:
             self._close_block(seq, event, forcing)
         if seq.params.logprobs is not None and event.token_ids:
@@ -434,15 +457,71 @@ class ParallelSampler:
         seq.block_forwards = 0
 
     def _commit(self, seq: _Sequence, tokens: list[int]) -> StepEvent:
-        """Commit tokens in order with AR's stop / max_tokens rules; stop at the first finish."""
+        """Commit tokens in order with AR's stop / max_tokens rules (and a grammar's, as AR
+        applies them after each token); stop at the first finish. Then the tokens a grammar
+        forces, without a forward (`_commit_forced`)."""
         out = StepEvent()
         for token in tokens:
-            event = commit_token(seq.generated, token, seq.params)
-            out.token_ids += event.token_ids
-            seq.pool.extend(event.token_ids)
-            if seq.shortlist is not None:
-                seq.shortlist.add(event.token_ids)
-            if event.finish_reason is not None:
-                out.finish_reason = event.finish_reason
-                break
+            if self._commit_one(seq, token, out):
+                return out
+        self._commit_forced(seq, out)
         return out
+
+    def _commit_one(self, seq: _Sequence, token: int, out: StepEvent) -> bool:
+        """Commit one token into `out`; True when it ended the sequence (`out.finish_reason`)."""
+        event = commit_token(seq.generated, token, seq.params)
+        self._extend(seq, event.token_ids)
+        out.token_ids += event.token_ids
+        reason = event.finish_reason
+        if seq.matcher is not None and event.token_ids:
+            seq.matcher.advance(token)
+            if seq.matcher.done:  # the JSON document is complete: nothing may follow it
+                reason = "stop"
+            elif reason is None and (closing := self._due_closing(seq)) is not None:
+                for closer in closing:
+                    seq.matcher.advance(closer)
+                seq.generated += closing
+                self._extend(seq, closing)
+                out.token_ids += closing
+                reason = "length"
+        out.finish_reason = reason
+        return reason is not None
+
+    def _extend(self, seq: _Sequence, tokens: list[int]) -> None:
+        seq.pool.extend(tokens)
+        if seq.shortlist is not None:
+            seq.shortlist.add(tokens)
+
+    @staticmethod
+    def _due_closing(seq: _Sequence) -> list[int] | None:
+        """The closing of a JSON document once the budget left barely holds it, else None: AR's
+        rule (sampler/ar.py `_close_if_due`, its window and margin), checked after every
+        committed token as AR does, so a cut output is AR's and parses."""
+        assert seq.matcher is not None
+        left = seq.params.max_tokens - len(seq.generated)
+        if seq.params.logprobs is not None or not 0 < left <= _CLOSE_WINDOW:
+            return None
+        closing = seq.matcher.closing(left)
+        if closing is None or len(closing) < left - _CLOSE_MARGIN:
+            return None
+        return closing
+
+    def _commit_forced(self, seq: _Sequence, out: StepEvent) -> None:
+        """Commit, into `out`, the tokens the grammar allows alone next (any masked draw would
+        pick them) without spending a forward: they head the next forward's rows as pending
+        tokens. Not with logprobs: such a token would have no distribution to report."""
+        if seq.matcher is None or not self.commit_forced or seq.params.logprobs is not None:
+            return
+        forced = 0
+        while out.finish_reason is None and (token := seq.matcher.forced()) is not None:
+            self._commit_one(seq, token, out)
+            forced += 1
+        seq.draft = seq.draft[forced:]  # the draft guesses positions after the last committed token
+
+    def _open(self, seq: _Sequence) -> StepEvent:
+        """Before a grammar sequence's first forward: commit what the grammar forces at the start
+        (a schema's opening `{"` and first key), so that forward starts past it."""
+        opening = StepEvent()
+        self._commit_forced(seq, opening)
+        seq.opening = list(opening.token_ids)
+        return opening

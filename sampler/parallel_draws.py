@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from sampler.constrained import TreeMasks
 from sampler.logits import draw_tokens, gumbel_noise, softcap
 from sampler.parallel_tree import GuessTree
 from sampler.types import SamplingParams
@@ -59,6 +60,8 @@ class Draws:
     which rows to compute exactly and what to try next. `head` is the model's own output
     module, so a head call over k rows gets the kernel AR's does (sampler/runtime/cpu_linear.py);
     its logits are soft-capped by `cap` as the model's forward does. `shortlist` None: no guesses.
+    `masks` (a grammar's, per row): every draw, exact or guessed, is over the masked logits, as
+    AR masks its draw (docs/parallel.md, "Structured output"); `hidden` stays raw for logprobs.
     """
 
     def __init__(
@@ -72,10 +75,11 @@ class Draws:
         params: SamplingParams,
         seed: int,
         shortlist: Shortlist | None,
+        masks: TreeMasks | None = None,
     ) -> None:
         self.hidden, self.positions = hidden, positions  # hidden: (R, d)
         self.head, self.cap, self.vocab_size = head, cap, vocab_size
-        self.params, self.seed, self.shortlist = params, seed, shortlist
+        self.params, self.seed, self.shortlist, self.masks = params, seed, shortlist, masks
         self.exact: dict[int, int] = {}
         self._noise: dict[int, torch.Tensor] = {}  # position -> (V,) Gumbel noise (sampling only)
         self.guess: list[int] = [-1] * len(positions)  # -1: no guess (the shortlist is off)
@@ -83,6 +87,8 @@ class Draws:
             ids = shortlist.ids[: shortlist.size]
             # float32 even for a bfloat16 model: R x S x d is small, and fp32 GEMM is fast here.
             approx = softcap(hidden.float() @ shortlist.weight[: shortlist.size].T, cap)  # (R, S)
+            if masks is not None:
+                approx = approx.masked_fill(~masks.allowed(ids), float("-inf"))
             noise = None if params.greedy else self._noise_rows(positions)[:, ids]
             # Unfiltered by top-k / top-p: a guess only picks what to verify.
             picked = draw_tokens(approx, noise, temperature=params.temperature, top_k=0, top_p=1.0)
@@ -111,6 +117,9 @@ class Draws:
     def take(self, rows: list[int], logits: torch.Tensor) -> None:
         """Draw `rows` (new, distinct) from their soft-capped full `logits` (k, V)."""
         p = self.params
+        if self.masks is not None:
+            logits = logits.clone()  # a slice of a shared head call (`ensure_together`)
+            self.masks.mask_(logits, rows)
         noise = None if p.greedy else self._noise_rows([self.positions[r] for r in rows])
         tokens = draw_tokens(logits, noise, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p).tolist()
         self.exact.update(zip(rows, tokens, strict=True))

@@ -5,6 +5,7 @@ Why a tree, and why each node sees only its own ancestors: docs/parallel.md ("Ho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,24 +50,42 @@ class GuessTree:
         """Children of draw row `row` (0 = root, 1 + i = node i), token -> node."""
         return self.root_children if row == 0 else self.children[row - 1]
 
+    def paths(self) -> list[list[int]]:
+        """The tokens from the root to each draw row: [] for the root, then node i's path."""
+        out: list[list[int]] = [[]]
+        for token, parent in zip(self.tokens, self.parents, strict=True):
+            out.append(out[1 + parent] + [token])
+        return out
+
     def __len__(self) -> int:
         return len(self.tokens)
 
 
 def guess_tree(
-    draft: list[int], draft_len: int, candidates: list[list[int]], max_nodes: int, last_token: int
+    draft: list[int],
+    draft_len: int,
+    candidates: list[list[int]],
+    max_nodes: int,
+    last_token: int,
+    valid: Callable[[list[int]], int] | None = None,
 ) -> tuple[GuessTree, list[int]]:
     """The draft first (so all its `draft_len` nodes are known), then `candidates` (best first,
     so the `max_nodes` budget cuts the least promising). Returns the tree and the draft's nodes.
 
     A draft shorter than `draft_len` is padded with the best candidate (it then shares that
     candidate's rows) or by repeating its last token (`last_token`, the context's, if empty).
+    `valid` (a grammar, docs/parallel.md "Structured output") says how many tokens of a guess
+    are allowed from the root: the rest is cut before it takes a row, since it can never verify
+    (the draft may then have fewer than `draft_len` nodes).
     """
     draft = draft[:draft_len]
     filler = candidates[0] if candidates else []
     while len(draft) < draft_len:
         i = len(draft)
         draft.append(filler[i] if i < len(filler) else (draft[-1] if draft else last_token))
+    if valid is not None:
+        draft = draft[: valid(draft)]
+        candidates = [cand[: valid(cand)] for cand in candidates]
     tree = GuessTree()
     draft_nodes = tree.insert(draft)
     for cand in candidates:

@@ -60,8 +60,8 @@ class SamplingParams:
     # it, plus k alternatives. Only the `ar` sampler scores prompts (in its prefill forward).
     prompt_logprobs: int | None = None
     # response_format JSON (docs/openai.md, "Structured output"): every draw is masked to the
-    # grammar and the sequence stops when the document is complete. Only `ar` honours it; the
-    # server runs such requests there (server/jobs.py).
+    # grammar and the sequence stops when the document is complete. `ar` and `parallel` honour
+    # it; block diffusion cannot (server/jobs.py refuses).
     grammar: Grammar | None = None
 
     @property

@@ -82,8 +82,9 @@ def _check_logprobs(req: Request, loaded: LoadedModel) -> None:
 
 
 def _grammar(req: Request, loaded: LoadedModel) -> Grammar | None:
-    """The compiled `response_format` grammar, or None (plain text). JSON output runs on `ar`
-    only (docs/openai.md, "Structured output"): a block-diffusion model cannot serve it."""
+    """The compiled `response_format` grammar, or None (plain text). Both causal samplers mask
+    their draws to it (`ar`, `parallel`; docs/openai.md, "Structured output"): a block-diffusion
+    model cannot serve it."""
     wanted, schema = req.json_mode()
     if not wanted:
         return None
@@ -107,8 +108,6 @@ def _scores_prompt(req: Request) -> bool:
 def _sampler_for(req: Request, loaded: LoadedModel, configured: str) -> str:
     if _scores_prompt(req):
         return "ar"  # seeded tokens are the ones parallel would commit (docs/parallel.md)
-    if req.json_mode()[0]:
-        return "ar"  # the only sampler that masks draws to a grammar (docs/openai.md)
     name = req.sampler or configured
     allowed = SAMPLERS_FOR_KIND[loaded.kind]
     if name not in allowed:
@@ -121,13 +120,14 @@ def _sampler_for(req: Request, loaded: LoadedModel, configured: str) -> str:
 def _busy_sampler_for(req: Request, loaded: LoadedModel, configured: str | None) -> str | None:
     """The config's `sampler_when_busy`, for requests that leave the choice to the server.
 
-    A client watching refinements keeps the refining sampler (AR has no drafts to show).
+    A client watching refinements keeps the refining sampler (AR has no drafts to show). JSON
+    requests may switch at admission (every causal sampler masks to the grammar); once running,
+    `parallel` keeps them (its `detach` refuses a grammar's sequence, docs/parallel.md).
     """
     if (
         req.sampler is not None
         or req.stream_refinements
         or _scores_prompt(req)
-        or req.json_mode()[0]
         or configured not in SAMPLERS_FOR_KIND[loaded.kind]
     ):
         return None
