@@ -253,3 +253,18 @@ def test_sdk_json_schema_on_parallel_equals_ar(client):
         texts[sampler] = (r.choices[0].message.content, r.choices[0].finish_reason)
     assert texts["parallel"] == texts["ar"]
     jsonschema.validate(json.loads(texts["parallel"][0]), ITEMS)
+
+
+def test_json_forward_bench_smoke(tmp_path, capsys):
+    """bench/json_forward.py on the tiny model: three modes, the same outputs, a table and JSON."""
+    from bench import json_forward
+
+    out = tmp_path / "jf.json"
+    args = ["--config", "configs/tiny.yaml", "--limit", "2", "--max-tokens", "24", "--json", str(out)]
+    assert json_forward.main(args) == 0
+    report = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in report["modes"]}
+    assert list(rows) == ["ar", "parallel no-forced", "parallel forced"]
+    assert all(row["same_as_ar"] == 1.0 and row["tokens"] == rows["ar"]["tokens"] for row in rows.values())
+    assert rows["parallel forced"]["forwards"] < rows["parallel no-forced"]["forwards"]
+    assert "| parallel forced |" in capsys.readouterr().out
