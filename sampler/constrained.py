@@ -24,11 +24,13 @@ import torch
 _TOKENIZERS: dict[int, tuple[Any, llguidance.LLTokenizer]] = {}
 _LOCK = threading.Lock()
 # Closing a document before max_tokens (`Matcher.closing`): the pieces tried first, by where the
-# document is: inside a string, end it; else close the innermost container; else the shortest
-# values and separators. Only pieces that are one token in the vocabulary are used.
+# document is: inside a string, end it; else close the innermost container; else a separator,
+# then the shortest values. Separators first: inside a number a digit is allowed too, and "0"
+# first grew `1000...` until the budget ran out instead of moving on to the next required key.
+# Only pieces that are one token in the vocabulary are used.
 _END_STRING = ['"']
 _CLOSE = {"{": ["}"], "[": ["]"]}
-_FILLERS = ["0", "null", "false", '""', "[]", "{}", ":", ","]
+_FILLERS = [":", ",", "0", "null", "false", '""', "[]", "{}"]
 _CLOSERS: dict[int, dict[str, int]] = {}  # id(LLTokenizer) -> piece -> token id
 _TOKEN_BYTES: dict[int, np.ndarray] = {}  # id(LLTokenizer) -> (V,) byte length per token (0 = special)
 
@@ -149,7 +151,7 @@ class Matcher:
         Found greedily on a copy of the matcher (the sequence's own is untouched), every token
         checked by the grammar, so the completed document parses and validates: tokens the
         grammar forces, else the first allowed closing piece for where the text is (end the
-        string, close the innermost container, the shortest value or separator), else the
+        string, close the innermost container, a separator, the shortest value), else the
         allowed token with the shortest text. Not always the shortest completion; docs/openai.md
         ("Structured output") says what a max_tokens cut returns.
         """

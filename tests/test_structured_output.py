@@ -220,3 +220,24 @@ def test_start_up_builds_the_llguidance_tokenizer_so_requests_do_not(monkeypatch
         }
         assert c.post("/v1/chat/completions", json=body).status_code == 200
     assert builds == [loaded.tokenizer]
+
+
+def test_a_closing_inside_a_number_moves_on_to_the_required_keys(tiny_loaded):
+    """Inside a number a digit is allowed too: the closing takes a separator first, so it goes on
+    to the keys still required instead of growing the number until the budget runs out."""
+    from sampler.constrained import Matcher
+
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["n", "tags"],
+        "additionalProperties": False,
+    }
+    tok = tiny_loaded.tokenizer
+    matcher = Matcher(json_grammar(tok, schema), frozenset(tiny_loaded.eos_token_ids))
+    prefix = tok.encode('{"n":100', add_special_tokens=False)
+    for token in prefix:
+        matcher.advance(token)
+    closing = matcher.closing(20)
+    assert closing is not None
+    jsonschema.validate(json.loads(tok.decode(prefix + closing)), schema)
