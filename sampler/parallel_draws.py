@@ -88,7 +88,7 @@ class Draws:
             # float32 even for a bfloat16 model: R x S x d is small, and fp32 GEMM is fast here.
             approx = softcap(hidden.float() @ shortlist.weight[: shortlist.size].T, cap)  # (R, S)
             if masks is not None:
-                approx = approx.masked_fill(~masks.allowed(ids), float("-inf"))
+                approx = approx.masked_fill(~masks.allowed(ids).to(approx.device), float("-inf"))
             noise = None if params.greedy else self._noise_rows(positions)[:, ids]
             # Unfiltered by top-k / top-p: a guess only picks what to verify.
             picked = draw_tokens(approx, noise, temperature=params.temperature, top_k=0, top_p=1.0)
