@@ -12,14 +12,16 @@ measurements behind the defaults: docs/load.md ("Prefill under load", "Prefix ca
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from sampler.constrained import Matcher
-from sampler.logits import sample_tokens
+from sampler.logits import gumbel_noise, sample_tokens, softcap
 from sampler.logprobs import prompt_logprobs, token_logprobs
+from sampler.runtime.certified_head import certified_head
 from sampler.runtime.kv_batch import KVBatch
 from sampler.runtime.packed_prefill import last_rows, packed_masks, packed_positions, packing_layout, unpack_cache
 from sampler.runtime.prefix_cache import PrefixCache, PrefixCacheStats, cache_from_blocks, new_cache, row_block
@@ -79,6 +81,17 @@ def sample_rows(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
                 )[0]
             )
     return tokens
+
+
+def _certifiable(seq: _Sequence) -> bool:
+    """The draw alone decides this row's step: no logprobs, grammar mask, top-k or top-p, so the
+    certified head can draw it without full logits (sampler/runtime/certified_head.py)."""
+    p = seq.params
+    return p.logprobs is None and seq.matcher is None and (p.greedy or (p.top_k == 0 and p.top_p >= 1.0))
+
+
+def _draw_temperature(seq: _Sequence) -> float:
+    return 0.0 if seq.params.greedy else seq.params.temperature
 
 
 # A JSON document must close within max_tokens: with this many tokens or fewer left, every step
@@ -141,6 +154,16 @@ class ARSampler:
         budget = int(prefix_cache_mb * 2**20)
         self.prefix_cache = PrefixCache(budget, prefix_block_size) if usable else None
         self._packing = packing_layout(self._config)
+        # Decode draws through the certified head where the model has one (float32 on a CPU
+        # where it measured faster); the body is then called alone, the head only if needed.
+        self._certified = certified_head(model)
+        text_config = getattr(self._config, "get_text_config", lambda: self._config)()
+        self._softcap = getattr(text_config, "final_logit_softcapping", None)
+        self._vocab = int(getattr(text_config, "vocab_size", 0) or 0)
+        body = getattr(model, "model", None)
+        self._cache_kw = (
+            "cache" if body is not None and "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        )
 
     @property
     def num_active(self) -> int:
@@ -182,23 +205,48 @@ class ARSampler:
             self._batch.remove({seq_id})
 
     @torch.inference_mode()
-    def _decode(self) -> torch.Tensor:
-        """One forward over each batch row's newest token. Returns logits (B, V)."""
+    def _decode(self, seqs: list[_Sequence]) -> tuple[list[int], torch.Tensor | None]:
+        """One forward over each batch row's newest token. Returns the drawn tokens and the
+        logits (B, V) they were drawn from, or None where the certified head drew them without."""
         batch = self._batch
-        last = [[self._seqs[s].generated[-1]] for s in batch.seq_ids]
+        last = [[seq.generated[-1]] for seq in seqs]
         positions = [[r] for r in batch.lengths]
         mask = batch.mask_for_step()
         # Without padding the model's own causal mask is the same and cheaper to build.
-        out = self.model(
-            input_ids=torch.tensor(last, device=self.device),
-            attention_mask=mask if batch.has_padding else None,
-            position_ids=torch.tensor(positions, device=self.device),
-            cache=batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        batch.advance(mask)
-        return out.logits[:, -1]
+        inputs = {
+            "input_ids": torch.tensor(last, device=self.device),
+            "attention_mask": mask if batch.has_padding else None,
+            "position_ids": torch.tensor(positions, device=self.device),
+            "use_cache": True,
+        }
+        if self._certified is not None and all(_certifiable(seq) for seq in seqs):
+            body: Any = self.model.model  # a transformers causal LM's decoder
+            hidden = body(**inputs, **{self._cache_kw: batch.cache}).last_hidden_state[:, -1]  # (B, d)
+            batch.advance(mask)
+            drawn = self._draw_certified(hidden, seqs)
+            if drawn is not None:
+                return drawn, None
+            logits = softcap(self.model.get_output_embeddings()(hidden), self._softcap)  # type: ignore[operator]
+        else:
+            logits = self.model(**inputs, cache=batch.cache, logits_to_keep=1).logits[:, -1]
+            batch.advance(mask)
+        return sample_rows(logits, seqs), logits
+
+    def _draw_certified(self, hidden: torch.Tensor, seqs: list[_Sequence]) -> list[int] | None:
+        """Each row's token through the certified head (rows of equal temperature together)."""
+        assert self._certified is not None
+        tokens = [0] * len(seqs)
+        for temperature in sorted({_draw_temperature(seq) for seq in seqs}):
+            rows = [i for i, seq in enumerate(seqs) if _draw_temperature(seq) == temperature]
+            noise = None
+            if temperature > 0.0:
+                noise = torch.cat([gumbel_noise(seqs[i].seed, [seqs[i].next_position], self._vocab) for i in rows])
+            drawn = self._certified.draw(hidden[rows], cap=self._softcap, temperature=temperature, noise=noise)
+            if drawn is None:
+                return None
+            for i, token in zip(rows, drawn, strict=True):
+                tokens[i] = token
+        return tokens
 
     def _plan_packed(self, waiting: list[tuple[str, _Sequence]]) -> list[tuple[str, _Sequence]]:
         """Fresh prompts (FIFO) whose tokens together fit the budget: one packed forward, no padding."""
@@ -378,10 +426,12 @@ class ARSampler:
         self.prefix_cache.insert(seq.prompt_ids, lambda j: row_block(cache, row, offset + j * size, size))
 
     @staticmethod
-    def _commit(seq: _Sequence, token: int, logits: torch.Tensor) -> StepEvent:
-        """Commit `token`, drawn from (1, V) `logits`; its logprob only if the request asked."""
+    def _commit(seq: _Sequence, token: int, logits: torch.Tensor | None) -> StepEvent:
+        """Commit `token`, drawn from (1, V) `logits` (None: by the certified head, for a request
+        without logprobs); its logprob only if the request asked."""
         event = commit_token(seq.generated, token, seq.params)
         if seq.params.logprobs is not None and event.token_ids:
+            assert logits is not None, "a request with logprobs is drawn from full logits"
             event.logprobs = token_logprobs(logits, event.token_ids, seq.params.logprobs)
         if seq.matcher is not None and event.token_ids:
             seq.matcher.advance(token)
@@ -397,10 +447,10 @@ class ARSampler:
         # and those whose prompt is complete join (their first token comes from the prefill).
         rows = list(self._batch.seq_ids)
         if rows:
-            logits = self._decode()
             seqs = [self._seqs[s] for s in rows]
-            for i, (seq_id, seq, token) in enumerate(zip(rows, seqs, sample_rows(logits, seqs), strict=True)):
-                events[seq_id] = self._commit(seq, token, logits[i : i + 1])
+            tokens, logits = self._decode(seqs)
+            for i, (seq_id, seq, token) in enumerate(zip(rows, seqs, tokens, strict=True)):
+                events[seq_id] = self._commit(seq, token, None if logits is None else logits[i : i + 1])
                 events[seq_id].forward_passes = 1
         for seq_id, last in self._prefill_some().items():
             seq = self._seqs[seq_id]

@@ -24,6 +24,7 @@ from sampler.logprobs import token_logprobs
 from sampler.ngram_pool import NgramPool
 from sampler.parallel_draws import Draws, Shortlist, ensure_together
 from sampler.parallel_tree import GuessTree, attention_masks, batch_masks, forward_rows, guess_tree
+from sampler.runtime.certified_head import certified_head
 from sampler.runtime.kv_compaction import TreeBatchCache, append_kept_rows, keep_new_rows
 from sampler.runtime.stacked_cache import stack_caches
 from sampler.sequence import check_prompt, commit_token, resolve_seed
@@ -164,6 +165,7 @@ class ParallelSampler:
         self._head_weight: torch.Tensor = head.weight  # (V, d)
         self._vocab = self._head_weight.shape[0]
         self._softcap = getattr(config, "final_logit_softcapping", None)
+        self._certified = certified_head(model)  # exact draws without full logits (or None)
         # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
         params = inspect.signature(self._body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -278,6 +280,7 @@ class ParallelSampler:
             seed=seq.seed,
             shortlist=seq.shortlist,
             masks=None if seq.matcher is None else seq.matcher.tree_masks(plan.tree.paths()),
+            certified=self._certified,
         )
 
     def _build_tree(self, seq: _Sequence, depth_cap: int) -> tuple[GuessTree, list[int]]:

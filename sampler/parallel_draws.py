@@ -10,6 +10,7 @@ import torch
 from sampler.constrained import TreeMasks
 from sampler.logits import draw_tokens, gumbel_noise, softcap
 from sampler.parallel_tree import GuessTree
+from sampler.runtime.certified_head import CertifiedHead
 from sampler.types import SamplingParams
 
 
@@ -62,6 +63,8 @@ class Draws:
     its logits are soft-capped by `cap` as the model's forward does. `shortlist` None: no guesses.
     `masks` (a grammar's, per row): every draw, exact or guessed, is over the masked logits, as
     AR masks its draw (docs/parallel.md, "Structured output"); `hidden` stays raw for logprobs.
+    `certified` (the head's half-precision path, sampler/runtime/certified_head.py) draws the
+    same tokens without full logits where the draw alone decides (no mask, top-k or top-p).
     """
 
     def __init__(
@@ -76,8 +79,11 @@ class Draws:
         seed: int,
         shortlist: Shortlist | None,
         masks: TreeMasks | None = None,
+        certified: CertifiedHead | None = None,
     ) -> None:
         self.hidden, self.positions = hidden, positions  # hidden: (R, d)
+        unfiltered = params.greedy or (params.top_k == 0 and params.top_p >= 1.0)
+        self.certified = certified if masks is None and unfiltered else None
         self.head, self.cap, self.vocab_size = head, cap, vocab_size
         self.params, self.seed, self.shortlist, self.masks = params, seed, shortlist, masks
         self.exact: dict[int, int] = {}
@@ -111,8 +117,20 @@ class Draws:
     def ensure(self, rows: list[int]) -> None:
         """Full logits for `rows` (one head call), drawn with AR's arithmetic (`draw_tokens`)."""
         rows = self.missing(rows)
-        if rows:
+        if rows and not self.draw_certified(rows):
             self.take(rows, softcap(self.head(self.hidden[rows]), self.cap))
+
+    def draw_certified(self, rows: list[int]) -> bool:
+        """Draw `rows` (new, distinct) through the certified head; False where it cannot."""
+        if self.certified is None:
+            return False
+        p = self.params
+        noise = None if p.greedy else self._noise_rows([self.positions[r] for r in rows])
+        tokens = self.certified.draw(self.hidden[rows], cap=self.cap, temperature=p.temperature, noise=noise)
+        if tokens is None:
+            return False
+        self._record(rows, tokens)
+        return True
 
     def take(self, rows: list[int], logits: torch.Tensor) -> None:
         """Draw `rows` (new, distinct) from their soft-capped full `logits` (k, V)."""
@@ -122,6 +140,9 @@ class Draws:
             self.masks.mask_(logits, rows)
         noise = None if p.greedy else self._noise_rows([self.positions[r] for r in rows])
         tokens = draw_tokens(logits, noise, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p).tolist()
+        self._record(rows, tokens)
+
+    def _record(self, rows: list[int], tokens: list[int]) -> None:
         self.exact.update(zip(rows, tokens, strict=True))
         if self.shortlist is not None:
             self.shortlist.add(tokens)
@@ -142,7 +163,7 @@ def ensure_together(requests: list[tuple[Draws, list[int]]]) -> None:
     noise, so the tokens are the ones a separate `ensure` would draw."""
     todo = [(draws, draws.missing(rows)) for draws, rows in requests]
     todo = [(draws, rows) for draws, rows in todo if rows]
-    if len(todo) <= 1:
+    if len(todo) <= 1:  # `ensure` may draw through the certified head
         for draws, rows in todo:
             draws.ensure(rows)
         return

@@ -38,6 +38,10 @@ class ServerConfig(BaseModel):
     # flags allow per weight shape at start-up and keeps the fastest per row count; `flags` takes
     # the flags' pick without measuring; `native` keeps torch's stock kernels.
     cpu_gemm: Literal["auto", "flags", "native"] = "auto"
+    # Exact draws from a float32 LM head through a float16 pass plus rescoring of the few tokens it
+    # cannot rule out (sampler/runtime/certified_head.py): `auto` where a start-up timing finds it
+    # faster, `on` always (where fbgemm has it), `off` never.
+    certified_head: Literal["auto", "on", "off"] = "auto"
     sampler: SamplerName = "ar"
     # A request that names no sampler and is admitted while other sequences run goes to this
     # sampler instead: parallel refinement spends one forward per sequence per step, AR one

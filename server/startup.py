@@ -82,7 +82,9 @@ def load_in_background(state: ServerState) -> threading.Thread:
         # uvicorn prints its URL now, long before the model can answer: say what to wait for.
         log.info("loading %s; /ready answers 503 until the 'ready:' line below", cfg.model)
         try:
-            loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, cpu_gemm=cfg.cpu_gemm)
+            loaded = load_model(
+                cfg.model, dtype=cfg.dtype, device=cfg.device, cpu_gemm=cfg.cpu_gemm, certified=cfg.certified_head
+            )
         except Exception as exc:
             log.exception("model %s failed to load", cfg.model)
             state.load_error = f"{type(exc).__name__}: {exc}"

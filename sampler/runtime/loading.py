@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from sampler.runtime.certified_head import CertifiedHeadMode, attach_certified_head
 from sampler.runtime.cpu_features import CpuFeatures, detect
 from sampler.runtime.cpu_linear import CpuGemm, packed_works, speed_up_linears
 from sampler.runtime.lean_gemma3 import make_lean
@@ -205,12 +206,20 @@ def _load_tiny_gemma3(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     return LoadedModel.of(model, tokenizer, "causal", source=TINY_GEMMA3, device=device, dtype=dtype)
 
 
-def load_model(spec: str, *, dtype: str = "float32", device: str = "auto", cpu_gemm: CpuGemm = "auto") -> LoadedModel:
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    cpu_gemm: CpuGemm = "auto",
+    certified: CertifiedHeadMode = "auto",
+) -> LoadedModel:
     """Load what `spec` names: a built-in name, a .gguf file, a local directory or a hub id.
 
     `dtype` may be `auto` (`choose_dtype`). Gemma 3 causal models get the lean decoder layers
     (sampler/runtime/lean_gemma3.py: fused projections, fewer ops); then, on CPU, the linear layers
-    get the kernels `cpu_gemm` asks for (sampler/runtime/cpu_linear.py).
+    get the kernels `cpu_gemm` asks for (sampler/runtime/cpu_linear.py) and a float32 head the
+    certified draw path `certified` asks for (sampler/runtime/certified_head.py).
     """
     torch_device = resolve_device(device)
     torch_dtype, reason = choose_dtype(dtype, torch_device)
@@ -220,6 +229,8 @@ def load_model(spec: str, *, dtype: str = "float32", device: str = "auto", cpu_g
     make_lean(loaded.model)  # before the kernels are planned: the fused weights are what they time
     if loaded.device.type == "cpu":
         speed_up_linears(loaded.model, cpu_gemm)
+        if loaded.kind == "causal":
+            attach_certified_head(loaded.model, certified)
     return loaded
 
 
