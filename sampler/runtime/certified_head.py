@@ -96,19 +96,31 @@ class CertifiedHead:
         width = torch.outer(h.norm(dim=1) * scale, self._reach).add_(_SCORE_SLACK)  # (k, V)
         best_low = (score - width).amax(dim=1, keepdim=True)  # (k, 1): a score some token reaches
         candidates = width.add_(score).ge_(best_low)  # (k, V): upper bound reaches it
-        return [self._best(h[r], candidates[r], cap, scale, None if noise is None else noise[r]) for r in range(rows)]
+        return [
+            self._best(h[r], candidates[r], cap, temperature, None if noise is None else noise[r]) for r in range(rows)
+        ]
 
     def _best(
-        self, h: torch.Tensor, candidates: torch.Tensor, cap: float | None, scale: float, noise: torch.Tensor | None
+        self,
+        h: torch.Tensor,
+        candidates: torch.Tensor,
+        cap: float | None,
+        temperature: float,
+        noise: torch.Tensor | None,
     ) -> int:
-        """The best float32 score among the candidate tokens of one row."""
+        """The best float32 score among the candidate tokens of one row, computed as
+        `draw_tokens` computes it (logits / temperature + noise)."""
         ids = candidates.nonzero().squeeze(1)  # ascending: ties go to the lowest id, like argmax
         if ids.numel() > _MAX_CANDIDATES:
             self.fallbacks += 1
+            logits = softcap(self.weight @ h, cap)  # (V,)
             ids = torch.arange(self.weight.shape[0])
-        logits = softcap(self.weight.index_select(0, ids) @ h, cap)  # (n,)
+        else:
+            # Each candidate's dot product by the same reduction, whatever its place in the list
+            # (a GEMV blocks rows, and equal rows can then round apart): equal rows tie exactly.
+            logits = softcap((self.weight.index_select(0, ids) * h).sum(dim=1), cap)  # (n,)
         if noise is not None:
-            logits = logits * scale + noise.index_select(0, ids)
+            logits = logits / temperature + noise.index_select(0, ids)
         return int(ids[int(logits.argmax())])
 
 
