@@ -13,6 +13,7 @@ measurements behind the defaults: docs/load.md ("Prefill under load", "Prefix ca
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,6 +124,11 @@ def _close_if_due(seq: _Sequence, event: StepEvent) -> None:
 # Prompt tokens prefilled per step and the prefix cache's budget; docs/load.md says why.
 DEFAULT_MAX_PREFILL_TOKENS = 512
 DEFAULT_PREFIX_CACHE_MB = 512.0
+DEFAULT_MAX_PREFILL_S = 0.5
+# The budget never drops below this (a forward's fixed cost would dominate), and only forwards
+# of at least this many tokens measure the prefill rate (smaller ones are mostly fixed cost).
+_MIN_PREFILL_BUDGET = 64
+_RATE_DECAY = 0.3  # weight of the newest measurement in the prefill rate's moving average
 
 
 class ARSampler:
@@ -136,17 +142,28 @@ class ARSampler:
         device: torch.device,
         *,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        max_prefill_s: float | None = DEFAULT_MAX_PREFILL_S,
+        prefill_rate: float | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
         prefix_block_size: int = 16,
     ) -> None:
-        """`max_prefill_tokens`: prompt tokens (padding included) prefilled per step.
+        """`max_prefill_tokens`: prompt tokens (padding included) prefilled per step at most.
+        `max_prefill_s`: and no more than this machine prefills in about this many seconds (its
+        rate measured on the sampler's own prefill forwards; None: the token budget alone), so
+        a burst's first tokens arrive chunk by chunk and running sequences wait at most that
+        long per step (docs/load.md, "Prefill under load"). `prefill_rate`: the rate to start
+        from (prompt tokens per second, measured at load); None: the token budget until measured.
         `prefix_cache_mb`: the prefix cache's budget, 0 = off; it needs a transformers model
         (a config to build caches from), so scripted test models run without it."""
         if max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
+        if max_prefill_s is not None and max_prefill_s <= 0:
+            raise ValueError("max_prefill_s must be > 0 or None")
         self.model = model
         self.device = device
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_s = max_prefill_s
+        self.prefill_rate = prefill_rate  # prompt tokens per second (moving average of measurements)
         self._seqs: dict[str, _Sequence] = {}
         self._batch = KVBatch()
         self._config = getattr(model, "config", None)
@@ -248,13 +265,29 @@ class ARSampler:
                 tokens[i] = token
         return tokens
 
-    def _plan_packed(self, waiting: list[tuple[str, _Sequence]]) -> list[tuple[str, _Sequence]]:
-        """Fresh prompts (FIFO) whose tokens together fit the budget: one packed forward, no padding."""
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens this step may prefill: `max_prefill_tokens`, or fewer where the measured
+        rate says they would take longer than `max_prefill_s`."""
+        if self.max_prefill_s is None or self.prefill_rate is None:
+            return self.max_prefill_tokens
+        timed = int(self.prefill_rate * self.max_prefill_s)
+        return max(min(_MIN_PREFILL_BUDGET, self.max_prefill_tokens), min(self.max_prefill_tokens, timed))
+
+    def _measure_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens < _MIN_PREFILL_BUDGET or seconds <= 0:
+            return
+        rate = tokens / seconds
+        old = self.prefill_rate
+        self.prefill_rate = rate if old is None else (1 - _RATE_DECAY) * old + _RATE_DECAY * rate
+
+    def _plan_packed(self, waiting: list[tuple[str, _Sequence]], budget: int) -> list[tuple[str, _Sequence]]:
+        """Fresh prompts (FIFO) whose tokens together fit `budget`: one packed forward, no padding."""
         group: list[tuple[str, _Sequence]] = []
         total = 0
         for seq_id, seq in waiting:
             n = len(seq.prompt_ids)
-            if seq.filled == 0 and seq.params.prompt_logprobs is None and total + n <= self.max_prefill_tokens:
+            if seq.filled == 0 and seq.params.prompt_logprobs is None and total + n <= budget:
                 group.append((seq_id, seq))
                 total += n
         return group
@@ -285,29 +318,32 @@ class ARSampler:
         waiting = [(s, q) for s, q in self._seqs.items() if not q.joined]
         if not waiting:
             return {}
+        started = time.perf_counter()
+        budget = self.prefill_budget
         done: dict[str, torch.Tensor] = {}
         spent = 0
-        packed = self._plan_packed(waiting) if self._packing is not None else []
+        packed = self._plan_packed(waiting, budget) if self._packing is not None else []
         if len(packed) > 1:  # a lone prompt gains nothing from packing: it needs no padding either
             done.update(self._prefill_packed(packed))
             spent = sum(len(q.prompt_ids) for _, q in packed)
-        group = self._plan_group([(s, q) for s, q in waiting if not q.joined], self.max_prefill_tokens - spent)
+        group = self._plan_group([(s, q) for s, q in waiting if not q.joined], budget - spent)
         if group:
             spent += len(group) * max(len(q.prompt_ids) - q.filled for _, q in group)
             done.update(self._prefill_group(group))
         for seq_id, seq in waiting:
             if seq.joined:
                 continue
-            room = self.max_prefill_tokens - spent
+            room = budget - spent
             remaining = len(seq.prompt_ids) - seq.filled
             # A forward has a fixed cost (the weights stream once): no slivers once work was done.
-            if spent and (room <= 0 or room < min(remaining, self.max_prefill_tokens // 4)):
+            if spent and (room <= 0 or room < min(remaining, budget // 4)):
                 break
             n = min(remaining, room)
             logits = self._prefill_chunk(seq_id, seq, n)
             spent += n
             if logits is not None:
                 done[seq_id] = logits
+        self._measure_prefill(spent, time.perf_counter() - started)
         return done
 
     @torch.inference_mode()

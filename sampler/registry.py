@@ -21,7 +21,8 @@ SAMPLERS_FOR_KIND: dict[str, tuple[SamplerName, ...]] = {"causal": ("ar", "paral
 def _build_ar(loaded: LoadedModel, options: dict[str, Any]) -> BatchSampler:
     from sampler.ar import ARSampler
 
-    return ARSampler(loaded.model, loaded.device, **options)
+    # The load-time prefill rate starts the time-based prefill budget (options may override it).
+    return ARSampler(loaded.model, loaded.device, **{"prefill_rate": loaded.prefill_tokens_per_s, **options})
 
 
 def _build_parallel(loaded: LoadedModel, options: dict[str, Any]) -> BatchSampler:

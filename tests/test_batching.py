@@ -135,3 +135,44 @@ def test_tiny_gemma_ragged_prefill_equals_alone(tiny_loaded):
     for budget in (10_000, 100, 7):
         sampler = ARSampler(model, torch.device("cpu"), max_prefill_tokens=budget, prefix_cache_mb=0)
         assert run(sampler, jobs, {}) == alone, budget
+
+
+def test_prefill_budget_follows_the_measured_rate():
+    """`max_prefill_s`: the token budget shrinks to what the measured prefill rate does in that
+    time (never below 64 tokens or above `max_prefill_tokens`); None keeps the token budget."""
+    model = ScriptedModel(V, context_hash_script)
+    sampler = ARSampler(model, torch.device("cpu"), max_prefill_tokens=512, max_prefill_s=0.5)
+    assert sampler.prefill_budget == 512  # nothing measured yet
+    sampler._measure_prefill(300, 1.0)  # 300 tokens/s: 150 in half a second
+    assert sampler.prefill_budget == 150
+    sampler._measure_prefill(100, 1.0)  # the moving average leans toward the newest rate
+    assert 100 < sampler.prefill_rate < 300 and sampler.prefill_budget == int(sampler.prefill_rate * 0.5)
+    sampler._measure_prefill(10, 1.0)  # a forward this small is mostly fixed cost: not a rate
+    assert sampler.prefill_budget == int(sampler.prefill_rate * 0.5)
+    sampler.prefill_rate = 20.0
+    assert sampler.prefill_budget == 64
+    sampler.prefill_rate = 1e6
+    assert sampler.prefill_budget == 512
+    untimed = ARSampler(model, torch.device("cpu"), max_prefill_tokens=512, max_prefill_s=None)
+    untimed.prefill_rate = 20.0
+    assert untimed.prefill_budget == 512
+
+
+def test_a_burst_on_a_slow_machine_gets_first_tokens_chunk_by_chunk():
+    """At a measured 200 prompt tokens/s and max_prefill_s 0.5, four 40-token prompts arriving
+    together prefill two per step: the first two answer a step earlier than one big forward
+    would let them, and all four get exactly their tokens alone."""
+    jobs = {f"s{i}": ([i + 1, *range(50, 89)], SamplingParams(max_tokens=3, temperature=0)) for i in range(4)}
+    model = ScriptedModel(V, context_hash_script)
+    sampler = ARSampler(model, torch.device("cpu"), max_prefill_tokens=512, max_prefill_s=0.5)
+    sampler.prefill_rate = 200.0
+    for seq_id, (prompt, params) in jobs.items():
+        sampler.add(seq_id, prompt, params)
+    assert sorted(sampler.step()) == ["s0", "s1"]
+    sampler.prefill_rate = 200.0  # the fake model is fast: keep the slow machine's rate
+    assert sorted(sampler.step()) == ["s0", "s1", "s2", "s3"]
+    alone = alone_on_fake_model(jobs)
+    model = ScriptedModel(V, context_hash_script)
+    slow = ARSampler(model, torch.device("cpu"), max_prefill_tokens=512, max_prefill_s=0.5)
+    slow.prefill_rate = 200.0
+    assert run(slow, jobs, {}) == alone

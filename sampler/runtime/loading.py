@@ -29,6 +29,7 @@ from sampler.runtime.model import (
     LoadedModel,
     ModelKind,
 )
+from sampler.runtime.prefill_rate import measure_prefill_rate
 
 log = logging.getLogger("dgserve.loading")
 
@@ -231,6 +232,8 @@ def load_model(
         speed_up_linears(loaded.model, cpu_gemm)
         if loaded.kind == "causal":
             attach_certified_head(loaded.model, certified)
+    if loaded.kind == "causal":
+        loaded.prefill_tokens_per_s = measure_prefill_rate(loaded.model, loaded.device)
     return loaded
 
 

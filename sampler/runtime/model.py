@@ -27,6 +27,7 @@ class LoadedModel:
     source: str
     max_context: int
     generation_config: Any = None
+    prefill_tokens_per_s: float | None = None  # measured at load (sampler/runtime/prefill_rate.py)
 
     @classmethod
     def of(
