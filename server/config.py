@@ -74,7 +74,7 @@ class ServerConfig(BaseModel):
 
     # Sampler-specific defaults, passed as keyword arguments to the sampler's constructor; each
     # key is the name of its sampler (sampler/registry.py).
-    # `ar`: max_prefill_tokens, prefix_cache_mb (0 = off), prefix_block_size (docs/load.md).
+    # `ar`: max_prefill_tokens, max_prefill_s, prefix_cache_mb (0 = off), prefix_block_size (docs/load.md).
     ar: dict[str, Any] = {}
     parallel: dict[str, Any] = {}
     diffusion: dict[str, Any] = {}
