@@ -430,12 +430,12 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     options = dict(config.parallel)
 
     print(f"loading {config.model} ({dtype}, device {config.device}) ...", file=sys.stderr, flush=True)
-    loaded = load_model(config.model, dtype=dtype, device=config.device, cpu_gemm=config.cpu_gemm)
-    f32 = (
-        loaded
-        if dtype == "float32"
-        else load_model(config.model, dtype="float32", device=config.device, cpu_gemm=config.cpu_gemm)
+    loaded = load_model(
+        config.model, dtype=dtype, device=config.device, cpu_gemm=config.cpu_gemm, quantization=config.quantization
     )
+    # The reference is float32 with the weights as loaded: not the run itself under quantization.
+    exact = dtype == "float32" and config.quantization == "none"
+    f32 = loaded if exact else load_model(config.model, dtype="float32", device=config.device, cpu_gemm=config.cpu_gemm)
     tok = loaded.tokenizer
     prompt_ids = [tok(p).input_ids for p in prompts]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=frozenset(loaded.eos_token_ids))
@@ -455,11 +455,12 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         results, peer_result = _main_runs(make, prompts, prompt_ids, params, steps_list, peer, tok)
 
     f32_ref: list[list[int]] | None = None
-    if dtype != "float32" and not args.no_f32_reference:
+    if not exact and not args.no_f32_reference:
         print("float32 AR reference run ...", file=sys.stderr, flush=True)
         f32_ref = [generate(ARSampler(f32.model, f32.device), ids, params)[0] for ids in prompt_ids]
     scorer = Scorer(f32.model, tok, prompt_ids, results[0], f32_ref)
-    runs = [scorer.row(r, dtype) for r in results + ([peer_result] if peer_result else [])]
+    label = dtype if config.quantization == "none" else f"{dtype}, {config.quantization} weights"
+    runs = [scorer.row(r, label) for r in results + ([peer_result] if peer_result else [])]
 
     scaling = _scaling_rows(make, prompt_ids[: min(args.scaling_prompts, len(prompts))], params, lengths)
     temperatures = [float(x) for x in args.temperatures.split(",") if x.strip()]
@@ -476,6 +477,7 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     report = {
         "model": config.model,
         "dtype": dtype,
+        "quantization": config.quantization,
         "device": str(loaded.device),
         "threads": torch.get_num_threads(),
         "max_tokens": args.max_tokens,

@@ -42,6 +42,10 @@ class ServerConfig(BaseModel):
     # cannot rule out (sampler/runtime/certified_head.py): `auto` where a start-up timing finds it
     # faster, `on` always (where fbgemm has it), `off` never.
     certified_head: Literal["auto", "on", "off"] = "auto"
+    # `fp16`: a float32 model's linear layers (not the LM head) stream float16 copies of their
+    # weights through fbgemm, in float32 arithmetic: half the bytes, weights rounded to float16
+    # (docs/load.md, "Float16 weights"). `none`: the weights as loaded.
+    quantization: Literal["none", "fp16"] = "none"
     sampler: SamplerName = "ar"
     # A request that names no sampler and is admitted while other sequences run goes to this
     # sampler instead: parallel refinement spends one forward per sequence per step, AR one

@@ -83,7 +83,12 @@ def load_in_background(state: ServerState) -> threading.Thread:
         log.info("loading %s; /ready answers 503 until the 'ready:' line below", cfg.model)
         try:
             loaded = load_model(
-                cfg.model, dtype=cfg.dtype, device=cfg.device, cpu_gemm=cfg.cpu_gemm, certified=cfg.certified_head
+                cfg.model,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                cpu_gemm=cfg.cpu_gemm,
+                certified=cfg.certified_head,
+                quantization=cfg.quantization,
             )
         except Exception as exc:
             log.exception("model %s failed to load", cfg.model)

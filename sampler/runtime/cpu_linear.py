@@ -13,6 +13,9 @@ and with `cpu_gemm: auto` a start-up measurement times each of them per distinct
   (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`, what inductor's freezing
   emits). float32 everywhere; bfloat16 only where oneDNN has hardware bfloat16 (AMX or
   AVX512-BF16: the reorder refuses on AVX2). Costs a copy of the weight in its dtype.
+* `half` (only with `quantization: fp16`, `halve_linears`): fbgemm's packed float16 copy of a
+  float32 weight, float32 activations and arithmetic: half the bytes to stream, the weight
+  rounded to float16 (not chosen by any measurement: it changes the numbers).
 * `widened`: bfloat16 weights on CPUs without native bfloat16: the rows run in float32 against
   a packed float32 copy (+4 bytes per parameter), rounded back to bfloat16. Such a CPU widens
   a bfloat16 GEMM to float32 and accumulates in float32 anyway, so the values are a bfloat16
@@ -39,7 +42,7 @@ from sampler.runtime.cpu_features import CpuFeatures, detect
 log = logging.getLogger("dgserve.cpu_linear")
 
 CpuGemm = Literal["auto", "flags", "native"]
-Kernel = Literal["stock", "onednn", "packed", "widened"]
+Kernel = Literal["stock", "onednn", "packed", "widened", "half"]
 # A kernel per row bucket: ((max_rows, kernel), ...), ascending; the last bucket takes every larger count.
 Plan = tuple[tuple[int, Kernel], ...]
 # (layer, kernel, rows) -> seconds per call; injectable so tests script the measurement.
@@ -105,6 +108,18 @@ def flags_plan(dtype: torch.dtype, features: CpuFeatures, *, bf16_packs: bool) -
     return ((MEASURED_ROWS[-1], kernels[0]),)
 
 
+def half_works() -> bool:
+    """Whether fbgemm's packed float16 GEMM is in this torch build (x86 CPUs)."""
+    return (
+        hasattr(torch.ops.quantized, "linear_prepack_fp16") and "fbgemm" in torch.backends.quantized.supported_engines
+    )
+
+
+def _pack_half(linear: nn.Linear) -> torch.Tensor:
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    return torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float().contiguous(), bias)
+
+
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
 
@@ -125,11 +140,13 @@ class CpuLinear(nn.Module):
         self._packed = _reorder(linear.weight) if "packed" in used else None
         self._packed32 = _reorder(linear.weight.float()) if "widened" in used else None
         self._bias32 = None if linear.bias is None or "widened" not in used else linear.bias.detach().float()
+        self._half = _pack_half(linear) if "half" in used else None
 
     def extra_bytes(self) -> int:
         """Bytes held beyond the shared parameters (packed copies)."""
         copies = (self._packed, self._packed32)
-        return sum(t.numel() * t.element_size() for t in copies if t is not None)
+        half = self.weight.numel() * 2 if self._half is not None else 0
+        return sum(t.numel() * t.element_size() for t in copies if t is not None) + half
 
     def kernel_for(self, rows: int) -> Kernel:
         for max_rows, kernel in self.plan:
@@ -143,6 +160,8 @@ class CpuLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x2d, self.weight, self.bias, "none", [], "")
         if kernel == "packed" and self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x2d, self._packed, self.bias, "none", [], "")
+        if kernel == "half" and self._half is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x2d, self._half)
         if kernel == "widened" and self._packed32 is not None:
             out = torch.ops.mkldnn._linear_pointwise(x2d.float(), self._packed32, self._bias32, "none", [], "")
             return out.to(x2d.dtype)
@@ -274,3 +293,40 @@ def kernel_summary(model: nn.Module) -> dict[str, str]:
             dtype = str(module.weight.dtype).removeprefix("torch.")
             shapes[(f"{module.out_features}x{module.in_features} {dtype}", describe_plan(module.plan))] += 1
     return {f"{shape}{f' x{n}' if n > 1 else ''}": plan for (shape, plan), n in sorted(shapes.items())}
+
+
+def halve_linears(model: nn.Module, *, keep: nn.Module | None = None) -> int:
+    """`quantization: fp16`: every float32 CPU linear of `model` but `keep` (the LM head, whose
+    draws the certified head keeps exact) runs fbgemm's float16 kernel at every row count.
+    Returns how many. Its float32 weight stays (shared, tied) but its packed float32 copy goes."""
+    if not half_works():
+        return 0
+    halved: dict[int, CpuLinear] = {}
+    targets = [
+        (owner, name, child)
+        for owner in model.modules()
+        for name, child in owner.named_children()
+        if isinstance(child, (nn.Linear, CpuLinear)) and child is not keep
+    ]
+    for parent, name, child in targets:
+        weight = child.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            continue
+        if id(child) not in halved:
+            source = child if isinstance(child, nn.Linear) else _as_linear(child)
+            halved[id(child)] = CpuLinear(source, ((MEASURED_ROWS[-1], "half"),))
+        setattr(parent, name, halved[id(child)])
+    log.info(
+        "quantization fp16: %d linears run float16 weights (float32 arithmetic), +%.0f MiB",
+        len(halved),
+        sum(m.extra_bytes() for m in halved.values()) / 2**20,
+    )
+    return len(halved)
+
+
+def _as_linear(layer: CpuLinear) -> nn.Linear:
+    """An `nn.Linear` sharing a `CpuLinear`'s parameters (to build another plan from)."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = layer.weight
+    linear.bias = layer.bias
+    return linear

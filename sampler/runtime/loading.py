@@ -15,12 +15,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from sampler.runtime.certified_head import CertifiedHeadMode, attach_certified_head
 from sampler.runtime.cpu_features import CpuFeatures, detect
-from sampler.runtime.cpu_linear import CpuGemm, packed_works, speed_up_linears
+from sampler.runtime.cpu_linear import CpuGemm, halve_linears, packed_works, speed_up_linears
 from sampler.runtime.lean_gemma3 import make_lean
 from sampler.runtime.model import (
     BUILTIN_GEMMA3_270M,
@@ -32,6 +33,9 @@ from sampler.runtime.model import (
 from sampler.runtime.prefill_rate import measure_prefill_rate
 
 log = logging.getLogger("dgserve.loading")
+
+# `none`: the weights as loaded; `fp16`: float32 linears (not the LM head) hold float16 copies.
+Quantization = Literal["none", "fp16"]
 
 # Bump when the cached layout changes, so old caches are rebuilt instead of misread.
 _CACHE_FORMAT = 1
@@ -214,13 +218,15 @@ def load_model(
     device: str = "auto",
     cpu_gemm: CpuGemm = "auto",
     certified: CertifiedHeadMode = "auto",
+    quantization: Quantization = "none",
 ) -> LoadedModel:
     """Load what `spec` names: a built-in name, a .gguf file, a local directory or a hub id.
 
     `dtype` may be `auto` (`choose_dtype`). Gemma 3 causal models get the lean decoder layers
     (sampler/runtime/lean_gemma3.py: fused projections, fewer ops); then, on CPU, the linear layers
     get the kernels `cpu_gemm` asks for (sampler/runtime/cpu_linear.py) and a float32 head the
-    certified draw path `certified` asks for (sampler/runtime/certified_head.py).
+    certified draw path `certified` asks for (sampler/runtime/certified_head.py); `quantization`
+    fp16: the other float32 linears stream float16 weights (`halve_linears`).
     """
     torch_device = resolve_device(device)
     torch_dtype, reason = choose_dtype(dtype, torch_device)
@@ -230,11 +236,24 @@ def load_model(
     make_lean(loaded.model)  # before the kernels are planned: the fused weights are what they time
     if loaded.device.type == "cpu":
         speed_up_linears(loaded.model, cpu_gemm)
+        if quantization == "fp16":
+            _halve(loaded)
         if loaded.kind == "causal":
             attach_certified_head(loaded.model, certified)
     if loaded.kind == "causal":
         loaded.prefill_tokens_per_s = measure_prefill_rate(loaded.model, loaded.device)
     return loaded
+
+
+def _halve(loaded: LoadedModel) -> None:
+    """`quantization: fp16` on a float32 model; said in the log where it does not apply."""
+    if loaded.dtype != torch.float32:
+        log.info("quantization fp16 not applied: the weights are %s already", loaded.dtype)
+        return
+    lm: Any = loaded.model  # a transformers model: get_output_embeddings is not nn.Module API
+    head = lm.get_output_embeddings() if loaded.kind == "causal" else None
+    if not halve_linears(loaded.model, keep=head):
+        log.warning("quantization fp16 not applied: this torch build has no fbgemm float16 GEMM")
 
 
 def _load(spec: str, torch_dtype: torch.dtype, torch_device: torch.device) -> LoadedModel:
