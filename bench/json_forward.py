@@ -110,7 +110,9 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     cases = load_cases(args.prompts, args.limit)
     print(f"loading {config.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
-    loaded = load_model(config.model, dtype=args.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
+    loaded = load_model(
+        config.model, dtype=args.dtype, device=config.device, cpu_gemm=config.cpu_gemm, quantization=config.quantization
+    )
     stop = frozenset(loaded.eos_token_ids)
     options = dict(config.parallel)
 

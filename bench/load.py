@@ -103,7 +103,14 @@ def _in_process_sampler(config: Any) -> tuple[Any, Any]:
     from sampler.registry import build_sampler
     from sampler.runtime.loading import load_model
 
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device, cpu_gemm=config.cpu_gemm)
+    loaded = load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        cpu_gemm=config.cpu_gemm,
+        certified=config.certified_head,
+        quantization=config.quantization,
+    )
     return loaded, build_sampler(config.sampler, loaded, config.sampler_options(config.sampler))
 
 
