@@ -19,8 +19,9 @@ from bench.live_server import LiveServer
 if TYPE_CHECKING:
     from sampler.runtime.model import LoadedModel
 
-# As the CLI does: idle OpenMP workers must not spin while a live server shares the cores. Set
-# before any test module imports torch (none of the imports above does).
+# Idle OpenMP workers must not spin while a live tiny-model server shares the cores with the test
+# process (a tiny-model request measured 30x slower on a shared 2-core box); the servers the tests
+# start inherit it. Set before any test module imports torch (none of the imports above does).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
