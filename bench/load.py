@@ -101,16 +101,9 @@ def _same_texts(level: dict[str, Any], reference: dict[str, Any]) -> bool:
 def _in_process_sampler(config: Any) -> tuple[Any, Any]:
     """The served sampler on its own copy of the model, in this process: (loaded, sampler)."""
     from sampler.registry import build_sampler
-    from sampler.runtime.loading import load_model
+    from server.startup import load_configured
 
-    loaded = load_model(
-        config.model,
-        dtype=config.dtype,
-        device=config.device,
-        cpu_gemm=config.cpu_gemm,
-        certified=config.certified_head,
-        quantization=config.quantization,
-    )
+    loaded = load_configured(config)  # as the server loads it
     return loaded, build_sampler(config.sampler, loaded, config.sampler_options(config.sampler))
 
 

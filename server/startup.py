@@ -46,6 +46,18 @@ def prepare_structured_output(loaded: LoadedModel) -> None:
     )  # fmt: skip
 
 
+def load_configured(cfg: ServerConfig) -> LoadedModel:
+    """The config's model with the config's dtype, device, kernels, head and quantization."""
+    return load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        cpu_gemm=cfg.cpu_gemm,
+        certified=cfg.certified_head,
+        quantization=cfg.quantization,
+    )
+
+
 def start_engine(state: ServerState, loaded: LoadedModel) -> None:
     """Prepare structured output, then start the model thread; the handlers see the model and
     its engine from here on."""
@@ -82,14 +94,7 @@ def load_in_background(state: ServerState) -> threading.Thread:
         # uvicorn prints its URL now, long before the model can answer: say what to wait for.
         log.info("loading %s; /ready answers 503 until the 'ready:' line below", cfg.model)
         try:
-            loaded = load_model(
-                cfg.model,
-                dtype=cfg.dtype,
-                device=cfg.device,
-                cpu_gemm=cfg.cpu_gemm,
-                certified=cfg.certified_head,
-                quantization=cfg.quantization,
-            )
+            loaded = load_configured(cfg)
         except Exception as exc:
             log.exception("model %s failed to load", cfg.model)
             state.load_error = f"{type(exc).__name__}: {exc}"

@@ -20,20 +20,11 @@ from sampler.ngram_pool import NgramPool
 from sampler.parallel import ParallelSampler
 from sampler.types import ParallelOptions, SamplingParams
 from server.engine_core import run_to_completion
+from tests.test_structured_output import SCHEMA
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "maxItems": 3},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "age", "tags", "ok"],
-    "additionalProperties": False,
-}
+PERSON = SCHEMA  # the person record tests/test_structured_output.py's ar tests use
 ITEMS = {
     "type": "object",
     "properties": {
