@@ -22,7 +22,7 @@ import torch
 from sampler.constrained import Matcher
 from sampler.logits import gumbel_noise, sample_tokens, softcap
 from sampler.logprobs import prompt_logprobs, token_logprobs
-from sampler.runtime.certified_head import certified_head
+from sampler.runtime.certified_head import certified_head, draw_alone_decides
 from sampler.runtime.kv_batch import KVBatch
 from sampler.runtime.packed_prefill import last_rows, packed_masks, packed_positions, packing_layout, unpack_cache
 from sampler.runtime.prefix_cache import PrefixCache, PrefixCacheStats, cache_from_blocks, new_cache, row_block
@@ -88,7 +88,7 @@ def _certifiable(seq: _Sequence) -> bool:
     """The draw alone decides this row's step: no logprobs, grammar mask, top-k or top-p, so the
     certified head can draw it without full logits (sampler/runtime/certified_head.py)."""
     p = seq.params
-    return p.logprobs is None and seq.matcher is None and (p.greedy or (p.top_k == 0 and p.top_p >= 1.0))
+    return p.logprobs is None and seq.matcher is None and draw_alone_decides(p)
 
 
 def _draw_temperature(seq: _Sequence) -> float:

@@ -10,7 +10,7 @@ import torch
 from sampler.constrained import TreeMasks
 from sampler.logits import draw_tokens, gumbel_noise, softcap
 from sampler.parallel_tree import GuessTree
-from sampler.runtime.certified_head import CertifiedHead
+from sampler.runtime.certified_head import CertifiedHead, draw_alone_decides
 from sampler.types import SamplingParams
 
 
@@ -82,8 +82,7 @@ class Draws:
         certified: CertifiedHead | None = None,
     ) -> None:
         self.hidden, self.positions = hidden, positions  # hidden: (R, d)
-        unfiltered = params.greedy or (params.top_k == 0 and params.top_p >= 1.0)
-        self.certified = certified if masks is None and unfiltered else None
+        self.certified = certified if masks is None and draw_alone_decides(params) else None
         self.head, self.cap, self.vocab_size = head, cap, vocab_size
         self.params, self.seed, self.shortlist, self.masks = params, seed, shortlist, masks
         self.exact: dict[int, int] = {}

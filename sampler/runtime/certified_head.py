@@ -124,6 +124,12 @@ class CertifiedHead:
         return int(ids[int(logits.argmax())])
 
 
+def draw_alone_decides(params: Any) -> bool:
+    """Whether a draw under these `SamplingParams` is an argmax of softcap(l) / T + noise over the
+    whole vocabulary (greedy, or no top-k / top-p filter): what `CertifiedHead.draw` computes."""
+    return bool(params.greedy or (params.top_k == 0 and params.top_p >= 1.0))
+
+
 def _seconds(call: Any, repeats: int = 3) -> float:
     """Best of `repeats` timed calls after one warm-up call."""
     call()
