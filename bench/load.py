@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,31 @@ import httpx
 from bench.live_server import LiveServer, free_port, llama_server_gguf
 from bench.sse import aiter_sse_json
 
+# Pooled connections idle longer than this are not reused: below the 5 s after which common
+# servers (llama-server's cpp-httplib, uvicorn) close them, so a request never races a close.
+_KEEPALIVE_S = 2.0
+
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@contextlib.asynccontextmanager
+async def _stream_with_retry(client: httpx.AsyncClient, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+    """POST /v1/completions streaming; a request the server dropped before answering (a pooled
+    keep-alive connection it closed as the request went out: llama-server's HTTP library closes
+    idle connections after 5 s) is sent once more on a fresh connection, since no work was done."""
+    for attempt in (1, 2):
+        answered = False
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                answered = True
+                yield r
+                return
+        except httpx.RemoteProtocolError as dropped:
+            if answered or attempt == 2 or "without sending a response" not in str(dropped):
+                raise
 
 
 async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -42,7 +65,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
     }
     start = time.perf_counter()
     ttft, text, tokens, text_chunks = None, "", 0, 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
+    async with _stream_with_retry(client, body) as r:
         r.raise_for_status()
         async for chunk in aiter_sse_json(r.aiter_lines()):
             if chunk.get("usage"):
@@ -62,7 +85,9 @@ async def _level(
 ) -> dict[str, Any]:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(
-        base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)
+        base_url=base_url,
+        timeout=600,
+        limits=httpx.Limits(max_connections=concurrency + 4, keepalive_expiry=_KEEPALIVE_S),
     ) as client:
 
         async def run(i: int) -> dict[str, Any]:

@@ -163,6 +163,65 @@ def test_tokens_fall_back_to_text_chunks_without_usage():
     assert result["tokens"] == 3 and result["text"] == "abc"
 
 
+def _sse_completion(*texts: str) -> str:
+    return "".join(f"data: {json.dumps({'choices': [{'text': t}]})}\n\n" for t in texts) + "data: [DONE]\n\n"
+
+
+def test_a_request_dropped_before_any_answer_is_sent_again():
+    # llama-server closes pooled connections idle for 5 s; a request racing that close gets no
+    # answer at all (the peer run died on it). Nothing was generated, so the client resends once.
+    import asyncio
+
+    import httpx
+
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return httpx.Response(200, text=_sse_completion("a", "b"))
+
+    async def go():
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9") as client:
+            return await load._one(client, "m", "p", 8)
+
+    assert asyncio.run(go())["text"] == "ab" and len(calls) == 2
+
+
+def test_a_request_dropped_twice_or_mid_stream_fails():
+    # The resend is for a request the server never answered, once: a second drop, or a stream cut
+    # after tokens arrived, is the server's failure and the level reports it.
+    import asyncio
+
+    import httpx
+
+    class CutStream(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield _sse_completion("a").removesuffix("data: [DONE]\n\n").encode()
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    def always_dropped(request):
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    calls = []
+
+    def cut_mid_stream(request):
+        calls.append(request)
+        return httpx.Response(200, stream=CutStream())
+
+    async def go(handler):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://127.0.0.1:9") as client:
+            return await load._one(client, "m", "p", 8)
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        asyncio.run(go(always_dropped))
+    with pytest.raises(httpx.RemoteProtocolError):
+        asyncio.run(go(cut_mid_stream))
+    assert len(calls) == 1
+
+
 def test_peer_gguf_is_the_builtin_file_or_the_configs(tmp_path):
     from types import SimpleNamespace
 
