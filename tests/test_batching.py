@@ -176,3 +176,33 @@ def test_a_burst_on_a_slow_machine_gets_first_tokens_chunk_by_chunk():
     slow = ARSampler(model, torch.device("cpu"), max_prefill_tokens=512, max_prefill_s=0.5)
     slow.prefill_rate = 200.0
     assert run(slow, jobs, {}) == alone
+
+
+def test_a_burst_prefills_shortest_first():
+    """Prompts of 20, 10, 30 and 12 tokens arrive together with room for 25 prompt tokens a step:
+    the two shortest answer in the first step (in arrival order only the first would), and
+    every sequence's tokens equal its tokens alone."""
+    lengths = {"s0": 20, "s1": 10, "s2": 30, "s3": 12}
+    jobs = {k: ([7 + i for i in range(n)], SamplingParams(max_tokens=3, temperature=0)) for k, n in lengths.items()}
+    sampler = ARSampler(ScriptedModel(V, context_hash_script), torch.device("cpu"), max_prefill_tokens=25)
+    for seq_id, (prompt, params) in jobs.items():
+        sampler.add(seq_id, prompt, params)
+    assert sorted(sampler.step()) == ["s1", "s3"]
+    fresh = ARSampler(ScriptedModel(V, context_hash_script), torch.device("cpu"), max_prefill_tokens=25)
+    assert run(fresh, jobs, {}) == alone_on_fake_model(jobs)
+
+
+def test_a_long_prompt_is_not_starved_by_short_arrivals():
+    """A 40-token prompt with 10 tokens of budget a step, a new 8-token prompt arriving every
+    step: shortest-first alone would pass it over for ever; after 4 steps passed over it goes
+    first and answers after its 4 chunks."""
+    model = ScriptedModel(V, context_hash_script)
+    sampler = ARSampler(model, torch.device("cpu"), max_prefill_tokens=10)
+    sampler.add("long", list(range(1, 41)), SamplingParams(max_tokens=2, temperature=0))
+    answered_at = None
+    for step in range(12):
+        sampler.add(f"short{step}", [50 + step, *range(60, 67)], SamplingParams(max_tokens=50, temperature=0))
+        if "long" in sampler.step():
+            answered_at = step
+            break
+    assert answered_at == 4 + 4 - 1  # passed over in steps 0-3, then chunks in steps 4-7
