@@ -53,6 +53,9 @@ class _Sequence:
     # Tokens committed before the sequence's first forward (a grammar's forced opening); they
     # are reported with the first forward's event.
     opening: list[int] = field(default_factory=list)
+    # Sampling: Gumbel noise rows (V,) by absolute position, for positions not yet committed. A
+    # position is drawn in several forwards until it commits (~2 ms a row to generate).
+    noise: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -270,6 +273,8 @@ class ParallelSampler:
         """The draws of one sequence's rows; `hidden` (1 + len(tree), d): root, then the nodes."""
         seq = plan.seq
         root_pos = len(seq.pool.tokens) - 1  # the last committed token's position
+        for position in [p for p in seq.noise if p <= root_pos]:
+            del seq.noise[position]  # committed: never drawn again
         return Draws(
             hidden,
             [root_pos + 1] + [root_pos + d + 1 for d in plan.tree.depths],
@@ -281,6 +286,7 @@ class ParallelSampler:
             shortlist=seq.shortlist,
             masks=None if seq.matcher is None else seq.matcher.tree_masks(plan.tree.paths()),
             certified=self._certified,
+            noise_rows=seq.noise,
         )
 
     def _build_tree(self, seq: _Sequence, depth_cap: int) -> tuple[GuessTree, list[int]]:

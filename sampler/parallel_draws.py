@@ -80,13 +80,16 @@ class Draws:
         shortlist: Shortlist | None,
         masks: TreeMasks | None = None,
         certified: CertifiedHead | None = None,
+        noise_rows: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.hidden, self.positions = hidden, positions  # hidden: (R, d)
         self.certified = certified if masks is None and draw_alone_decides(params) else None
         self.head, self.cap, self.vocab_size = head, cap, vocab_size
         self.params, self.seed, self.shortlist, self.masks = params, seed, shortlist, masks
         self.exact: dict[int, int] = {}
-        self._noise: dict[int, torch.Tensor] = {}  # position -> (V,) Gumbel noise (sampling only)
+        # position -> (V,) Gumbel noise (sampling only); `noise_rows`: the sequence's own, kept
+        # across forwards (a row depends only on (seed, position), so it is drawn once).
+        self._noise: dict[int, torch.Tensor] = {} if noise_rows is None else noise_rows
         self.guess: list[int] = [-1] * len(positions)  # -1: no guess (the shortlist is off)
         if shortlist is not None:
             ids = shortlist.ids[: shortlist.size]

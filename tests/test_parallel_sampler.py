@@ -104,6 +104,30 @@ def test_seeded_sampling_equals_ar_and_repeats(tiny_loaded, temperature, top_k, 
     assert a != b
 
 
+def test_sampling_draws_each_positions_noise_once(tiny_loaded, monkeypatch):
+    """A position is drawn in several forwards until it commits; its Gumbel row depends only on
+    (seed, position), so the sequence generates it once and keeps it until it commits. Tokens
+    stay AR's."""
+    import sampler.parallel_draws as draws_module
+
+    model, device = tiny_loaded.model, tiny_loaded.device
+    generated: list[int] = []
+    original = draws_module.gumbel_noise
+
+    def counted(seed, positions, vocab_size, stream=0):
+        generated.extend(positions)
+        return original(seed, positions, vocab_size, stream)
+
+    monkeypatch.setattr(draws_module, "gumbel_noise", counted)
+    prompt = prompts(model.config.vocab_size, 2, seed=5)[1]  # repetitive: guesses hold, rows recur
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=3)
+    sampler = ParallelSampler(model, device, block_size=4, shortlist_size=64)
+    tokens, events = run(sampler, prompt, params)
+    assert tokens == run(ARSampler(model, device), prompt, params)[0]
+    assert sum(e.forward_passes for e in events) > 1 and len(generated) == len(set(generated))
+    assert not sampler._seqs  # finished: its noise rows went with it
+
+
 def test_kv_cache_matches_ar_past_the_window(tiny_loaded):
     """After many crops the cache holds exactly what AR's holds: same rows, same values."""
     model, device = tiny_loaded.model, tiny_loaded.device
