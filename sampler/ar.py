@@ -154,6 +154,7 @@ class ARSampler:
         prefill_rate: float | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
         prefix_block_size: int = 16,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         """`max_prefill_tokens`: prompt tokens (padding included) prefilled per step at most.
         `max_prefill_s`: and no more than this machine prefills in about this many seconds (its
@@ -162,7 +163,9 @@ class ARSampler:
         long per step (docs/load.md, "Prefill under load"). `prefill_rate`: the rate to start
         from (prompt tokens per second, measured at load); None: the token budget until measured.
         `prefix_cache_mb`: the prefix cache's budget, 0 = off; it needs a transformers model
-        (a config to build caches from), so scripted test models run without it."""
+        (a config to build caches from), so scripted test models run without it.
+        `prefix_cache`: one to share (the registry's, also the parallel sampler's), used instead
+        of building one from `prefix_cache_mb` / `prefix_block_size`."""
         if max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
         if max_prefill_s is not None and max_prefill_s <= 0:
@@ -176,8 +179,9 @@ class ARSampler:
         self._batch = KVBatch()
         self._config = getattr(model, "config", None)
         usable = prefix_cache_mb > 0 and new_cache(self._config, record=True) is not None
-        budget = int(prefix_cache_mb * 2**20)
-        self.prefix_cache = PrefixCache(budget, prefix_block_size) if usable else None
+        if prefix_cache is None and usable:
+            prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block_size)
+        self.prefix_cache = prefix_cache if usable else None
         self._packing = packing_layout(self._config)
         # Decode draws through the certified head where the model has one (float32 on a CPU
         # where it measured faster); the body is then called alone, the head only if needed.

@@ -26,6 +26,7 @@ from sampler.parallel_draws import Draws, Shortlist, ensure_together
 from sampler.parallel_tree import GuessTree, attention_masks, batch_masks, forward_rows, guess_tree
 from sampler.runtime.certified_head import certified_head
 from sampler.runtime.kv_compaction import TreeBatchCache, append_kept_rows, keep_new_rows
+from sampler.runtime.prefix_cache import PrefixCache, PrefixCacheStats, cache_from_blocks, row_block
 from sampler.runtime.stacked_cache import stack_caches
 from sampler.sequence import check_prompt, commit_token, resolve_seed
 from sampler.types import Handover, SamplingParams, StepEvent
@@ -56,6 +57,7 @@ class _Sequence:
     # Sampling: Gumbel noise rows (V,) by absolute position, for positions not yet committed. A
     # position is drawn in several forwards until it commits (~2 ms a row to generate).
     noise: dict[int, torch.Tensor] = field(default_factory=dict)
+    started: bool = False  # its first forward ran (it may have begun with a cached prefix)
 
 
 @dataclass
@@ -94,6 +96,8 @@ class ParallelSampler:
                       forward per sequence, the reference the batched path is tested against)
       commit_forced   with a grammar, commit the tokens it forces (the only one allowed) without
                       a forward (False: every token takes a draw row; bench/json_forward.py)
+    `prefix_cache` (not a config key: the registry shares AR's): prompts resume from the KV of
+    earlier prompts' blocks, and each prompt's blocks are stored after its first forward.
     """
 
     name = "parallel"
@@ -116,6 +120,7 @@ class ParallelSampler:
         max_handover_tokens: int = 2048,
         batched: bool = True,
         commit_forced: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if block_size < 1 or candidate_len < 1 or max_candidates < 0 or key_len < 1 or shortlist_size < 0:
             raise ValueError("block_size, candidate_len, key_len must be >= 1; max_candidates, shortlist_size >= 0")
@@ -132,6 +137,7 @@ class ParallelSampler:
         self.batched = batched
         self.commit_forced = commit_forced
         self.max_handover_tokens = max_handover_tokens
+        self.prefix_cache = prefix_cache
         # Rows past ~16 cost a forward more and more (the body's GEMMs stop being weight-bound).
         self.max_tree_nodes = max(max_tree_nodes, block_size)
         if probe_every < 1:
@@ -177,6 +183,10 @@ class ParallelSampler:
     def num_active(self) -> int:
         return len(self._seqs)
 
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return None if self.prefix_cache is None else self.prefix_cache.stats
+
     def add(self, seq_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt(prompt_ids)
         steps = params.parallel.steps if params.parallel.steps is not None else self.steps
@@ -192,7 +202,7 @@ class ParallelSampler:
         shortlist = Shortlist(self._head_weight, self.shortlist_size) if self.shortlist_size else None
         if shortlist is not None:
             shortlist.add(list(prompt_ids))
-        self._seqs[seq_id] = _Sequence(
+        seq = _Sequence(
             params,
             resolve_seed(params),
             steps,
@@ -201,6 +211,12 @@ class ParallelSampler:
             block_end=len(prompt_ids) + self.block_size - 1,
             matcher=None if params.grammar is None else Matcher(params.grammar, params.stop_token_ids),
         )
+        if self.prefix_cache is not None:
+            blocks = self.prefix_cache.lookup(list(prompt_ids))
+            if blocks:  # the first forward starts after the cached prefix (pending: the rest)
+                seq.cache = cache_from_blocks(self._config, blocks)
+                seq.cache_len = len(blocks) * self.prefix_cache.block_size
+        self._seqs[seq_id] = seq
 
     def cancel(self, seq_id: str) -> None:
         self._seqs.pop(seq_id, None)
@@ -221,12 +237,12 @@ class ParallelSampler:
         (when `batched`); a newcomer's first forward (its prompt plus a tree) runs alone."""
         events: dict[str, StepEvent] = {}
         for seq_id, seq in self._seqs.items():
-            if seq.cache is None and not seq.generated:
+            if not seq.started and not seq.generated:
                 opening = self._open(seq)
                 if opening.finish_reason is not None:  # the forced tokens alone ended it
                     events[seq_id] = opening
         if self.batched:
-            running = {s: seq for s, seq in self._seqs.items() if seq.cache is not None and s not in events}
+            running = {s: seq for s, seq in self._seqs.items() if seq.started and s not in events}
             if running:
                 events.update(self._step_batch(running))
         for seq_id, seq in list(self._seqs.items()):
@@ -244,6 +260,9 @@ class ParallelSampler:
         """A forward of this sequence alone (its KV cache grows in place)."""
         plan = self._plan(seq)
         draws = self._draws(plan, self._forward(seq, plan.tree))
+        if not seq.started:
+            self._remember_prompt(seq)
+            seq.started = True
         draws.ensure(self._first_rows(plan, draws))
         path = self._walk(plan.tree, draws)
         keep_new_rows(seq.cache, plan.num_pending + len(plan.tree), plan.kept_rows(path))
@@ -318,6 +337,15 @@ class ParallelSampler:
         return guess_tree(
             seq.draft, min(self.block_size, depth_cap), candidates, self.max_tree_nodes, seq.pool.tokens[-1], valid
         )
+
+    def _remember_prompt(self, seq: _Sequence) -> None:
+        """Store the prompt's full blocks after its first forward: columns [0, len(prompt)) of
+        the sequence's (recording) cache hold the prompt's KV, the rows after it are the tree's."""
+        if self.prefix_cache is None or seq.params.prompt_logprobs is not None:
+            return
+        size = self.prefix_cache.block_size
+        prompt = seq.pool.tokens[: len(seq.pool.tokens) - len(seq.generated)]
+        self.prefix_cache.insert(prompt, lambda j: row_block(seq.cache, 0, j * size, size))
 
     def _forward(self, seq: _Sequence, tree: GuessTree) -> torch.Tensor:
         """One forward over the pending tokens then the tree's nodes, appending their KV rows to

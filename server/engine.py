@@ -142,11 +142,16 @@ class Engine:
             self._thread.join(timeout)
 
     def _prefix_cache_totals(self) -> dict[str, int]:
-        """Summed over the samplers that keep a prefix cache (`prefix_cache_stats`); read at scrape time."""
+        """Summed over the distinct prefix caches of the samplers (`prefix_cache_stats`; `ar` and
+        `parallel` share one, counted once); read at scrape time."""
         totals: dict[str, int] = {}
+        seen: set[int] = set()
         for sampler in list(self.core.samplers.values()):
             stats = getattr(sampler, "prefix_cache_stats", None)
-            for key, value in (vars(stats) if stats is not None else {}).items():
+            if stats is None or id(stats) in seen:
+                continue
+            seen.add(id(stats))
+            for key, value in vars(stats).items():
                 totals[key] = totals.get(key, 0) + value
         return totals
 

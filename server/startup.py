@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI
 
 from sampler.constrained import llg_tokenizer
-from sampler.registry import build_sampler
+from sampler.registry import build_sampler, prepare_prefix_cache
 from sampler.runtime.loading import load_model
 from sampler.runtime.model import LoadedModel
 from sampler.types import BatchSampler
@@ -63,6 +63,7 @@ def start_engine(state: ServerState, loaded: LoadedModel) -> None:
     its engine from here on."""
     cfg = state.config
     prepare_structured_output(loaded)
+    prepare_prefix_cache(loaded, cfg.sampler_options("ar"))
 
     def factory(name: str) -> BatchSampler:
         return build_sampler(name, loaded, cfg.sampler_options(name))

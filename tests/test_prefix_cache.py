@@ -206,3 +206,44 @@ def test_metrics_count_queries_hits_and_reused_tokens(tiny_server):
     reused = counter("reused_tokens") - before["reused_tokens"]
     assert reused >= 64 and reused % 16 == 0
     assert tiny_server.metric("dgserve_prefix_cache_bytes") > 0
+
+
+def test_tiny_gemma_parallel_hit_equals_miss_and_shares_with_ar(tiny_loaded):
+    """`parallel` (the default config's one-client sampler) resumes a follow-up turn from the
+    prefix cache after its first turn stored the prompt's blocks: greedy and seeded tokens equal
+    a miss's (and AR's); a prompt `parallel` stored is a hit for `ar` sharing the cache (the
+    engine's hand-over re-prefill)."""
+    from sampler.parallel import ParallelSampler
+
+    model, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    history = tok("user: tell me about sets. model: a set holds each item once. " * 3)["input_ids"]
+    assert len(history) > 5 * 16  # past the tiny model's 16-token window
+    turn2 = history + tok(" user: and dicts?")["input_ids"]
+    cpu = torch.device("cpu")
+    for params in (GREEDY, SamplingParams(max_tokens=24, temperature=0.8, seed=3)):
+        shared = PrefixCache(64 * 2**20)
+        warm = ParallelSampler(model, cpu, prefix_cache=shared)
+        first = _tokens(warm, history, params)
+        assert shared.stats.hits == 0 and len(shared) == len(history) // 16
+        reused = _tokens(warm, turn2, params)
+        assert shared.stats.hits == 1 and shared.stats.reused_tokens == (len(history) // 16) * 16
+        assert reused == _tokens(ParallelSampler(model, cpu), turn2, params)
+        assert first == _tokens(ParallelSampler(model, cpu), history, params)
+        assert reused == _tokens(ARSampler(model, cpu, prefix_cache_mb=0), turn2, params)
+        ar = ARSampler(model, cpu, prefix_cache=shared)
+        assert _tokens(ar, turn2, params) == reused and shared.stats.hits == 2
+
+
+def test_registry_shares_one_prefix_cache_between_ar_and_parallel(tiny_loaded):
+    from dataclasses import replace
+
+    from sampler.registry import build_sampler, prepare_prefix_cache
+
+    loaded = replace(tiny_loaded, prefix_cache=None)  # this test's own, not the shared fixture's
+    prepare_prefix_cache(loaded, {"prefix_cache_mb": 8, "prefix_block_size": 4})
+    ar, parallel = build_sampler("ar", loaded), build_sampler("parallel", loaded)
+    assert ar.prefix_cache is parallel.prefix_cache is loaded.prefix_cache
+    assert loaded.prefix_cache.block_size == 4 and loaded.prefix_cache.budget_bytes == 8 * 2**20
+    off = replace(tiny_loaded, prefix_cache=None)
+    prepare_prefix_cache(off, {"prefix_cache_mb": 0})
+    assert build_sampler("ar", off).prefix_cache is None and build_sampler("parallel", off).prefix_cache is None

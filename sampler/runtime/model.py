@@ -28,6 +28,8 @@ class LoadedModel:
     max_context: int
     generation_config: Any = None
     prefill_tokens_per_s: float | None = None  # measured at load (sampler/runtime/prefill_rate.py)
+    # The samplers' shared prefix cache (sampler/registry.py): None until built, False when off.
+    prefix_cache: Any = None
 
     @classmethod
     def of(
