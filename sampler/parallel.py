@@ -211,7 +211,7 @@ class ParallelSampler:
             block_end=len(prompt_ids) + self.block_size - 1,
             matcher=None if params.grammar is None else Matcher(params.grammar, params.stop_token_ids),
         )
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and params.prompt_logprobs is None:  # scoring needs every row
             blocks = self.prefix_cache.lookup(list(prompt_ids))
             if blocks:  # the first forward starts after the cached prefix (pending: the rest)
                 seq.cache = cache_from_blocks(self._config, blocks)
