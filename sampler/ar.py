@@ -332,7 +332,11 @@ class ARSampler:
         if not waiting:
             return {}
         started = time.perf_counter()
-        budget = self.prefill_budget
+        # The time budget keeps running sequences and other waiting prompts from waiting long;
+        # a lone prompt with nothing running keeps no one waiting, and bigger chunks prefill it
+        # faster (a 3000-token prompt: 7.2 s in 512-token chunks vs 11.1 s in 0.25 s ones).
+        alone = len(waiting) == 1 and not self._batch.seq_ids
+        budget = self.max_prefill_tokens if alone else self.prefill_budget
         done: dict[str, torch.Tensor] = {}
         spent = self._prefill_chunks([item for item in waiting if _aged(item[1])], budget, 0, done)
         fresh = [(s, q) for s, q in waiting if not q.joined]

@@ -206,3 +206,26 @@ def test_a_long_prompt_is_not_starved_by_short_arrivals():
             answered_at = step
             break
     assert answered_at == 4 + 4 - 1  # passed over in steps 0-3, then chunks in steps 4-7
+
+
+def test_a_lone_prompt_prefills_in_token_budget_chunks():
+    """The time budget bounds how long others wait; with nothing running and nothing else waiting
+    a 300-token prompt prefills in one forward (max_prefill_tokens 512) even where the measured
+    rate allows 100 tokens a step, and in 100-token chunks once another sequence runs."""
+    prompt = [7, *range(20, 319)]
+    alone_model = ScriptedModel(V, context_hash_script)
+    alone = ARSampler(alone_model, torch.device("cpu"), max_prefill_tokens=512, max_prefill_s=0.5)
+    alone.prefill_rate = 200.0
+    alone.add("long", prompt, SamplingParams(max_tokens=2, temperature=0))
+    assert "long" in alone.step() and alone_model.forward_calls == 1
+    busy = ARSampler(
+        ScriptedModel(V, context_hash_script), torch.device("cpu"), max_prefill_tokens=512, max_prefill_s=0.5
+    )
+    busy.add("short", [5, 6], SamplingParams(max_tokens=20, temperature=0))
+    busy.step()
+    busy.add("long", prompt, SamplingParams(max_tokens=2, temperature=0))
+    answered = []
+    for _ in range(3):
+        busy.prefill_rate = 200.0  # the fake model is fast: keep the slow machine's rate
+        answered.append("long" in busy.step())
+    assert answered == [False, False, True]
