@@ -96,6 +96,8 @@ class ParallelSampler:
                       forward per sequence, the reference the batched path is tested against)
       commit_forced   with a grammar, commit the tokens it forces (the only one allowed) without
                       a forward (False: every token takes a draw row; bench/json_forward.py)
+      prefill_chunk   a first forward's uncached prompt past this many tokens goes through the
+                      decoder in chunks of this size first (no tree, no head)
     `prefix_cache` (not a config key: the registry shares AR's): prompts resume from the KV of
     earlier prompts' blocks, and each prompt's blocks are stored after its first forward.
     """
@@ -121,6 +123,7 @@ class ParallelSampler:
         batched: bool = True,
         commit_forced: bool = True,
         prefix_cache: PrefixCache | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
         if block_size < 1 or candidate_len < 1 or max_candidates < 0 or key_len < 1 or shortlist_size < 0:
             raise ValueError("block_size, candidate_len, key_len must be >= 1; max_candidates, shortlist_size >= 0")
@@ -138,6 +141,9 @@ class ParallelSampler:
         self.commit_forced = commit_forced
         self.max_handover_tokens = max_handover_tokens
         self.prefix_cache = prefix_cache
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.prefill_chunk = prefill_chunk
         # Rows past ~16 cost a forward more and more (the body's GEMMs stop being weight-bound).
         self.max_tree_nodes = max(max_tree_nodes, block_size)
         if probe_every < 1:
@@ -258,6 +264,7 @@ class ParallelSampler:
     @torch.inference_mode()
     def _step_one(self, seq: _Sequence) -> StepEvent:
         """A forward of this sequence alone (its KV cache grows in place)."""
+        chunks = 0 if seq.started else self._prefill_ahead(seq)
         plan = self._plan(seq)
         draws = self._draws(plan, self._forward(seq, plan.tree))
         if not seq.started:
@@ -266,7 +273,9 @@ class ParallelSampler:
         draws.ensure(self._first_rows(plan, draws))
         path = self._walk(plan.tree, draws)
         keep_new_rows(seq.cache, plan.num_pending + len(plan.tree), plan.kept_rows(path))
-        return self._advance(plan, draws, path)
+        event = self._advance(plan, draws, path)
+        event.forward_passes += chunks
+        return event
 
     @torch.inference_mode()
     def _step_batch(self, running: dict[str, _Sequence]) -> dict[str, StepEvent]:
@@ -347,11 +356,26 @@ class ParallelSampler:
         prompt = seq.pool.tokens[: len(seq.pool.tokens) - len(seq.generated)]
         self.prefix_cache.insert(prompt, lambda j: row_block(seq.cache, 0, j * size, size))
 
-    def _forward(self, seq: _Sequence, tree: GuessTree) -> torch.Tensor:
-        """One forward over the pending tokens then the tree's nodes, appending their KV rows to
-        the cache; returns the final hidden states of the draw rows, (1 + len(tree), d): the
-        root (last pending row), then node i at row 1 + i."""
-        pending = seq.pool.tokens[seq.cache_len :]
+    def _prefill_ahead(self, seq: _Sequence) -> int:
+        """Before a sequence's first tree forward, its uncached prompt past `prefill_chunk` tokens
+        goes through the decoder in chunks of that size (the rest, at least one token, heads the
+        tree forward). One forward over a long prompt attends over all of it in every layer, the
+        sliding ones included; a chunk's sliding layers see only their window (docs/load.md,
+        "A lone prompt is not cut by the time budget"). The cache records every column until the
+        first step's crop, so the prompt's prefix-cache blocks are stored whole. Returns how
+        many chunk forwards ran."""
+        chunks = 0
+        while len(seq.pool.tokens) - seq.cache_len > self.prefill_chunk:
+            self._forward(seq, GuessTree(), self.prefill_chunk)
+            seq.cache_len += self.prefill_chunk
+            chunks += 1
+        return chunks
+
+    def _forward(self, seq: _Sequence, tree: GuessTree, num_pending: int | None = None) -> torch.Tensor:
+        """One forward over the pending tokens (the first `num_pending` of them; default all) then
+        the tree's nodes, appending their KV rows to the cache; returns the final hidden states of
+        the draw rows, (1 + len(tree), d): the root (last pending row), then node i at row 1 + i."""
+        pending = seq.pool.tokens[seq.cache_len :][:num_pending]
         positions, allowed = forward_rows(seq.cache_len, len(pending), tree)
         masks = attention_masks(self._layer_types, self._window, seq.cache_len, positions, allowed)
         if seq.cache is None:

@@ -247,3 +247,26 @@ def test_registry_shares_one_prefix_cache_between_ar_and_parallel(tiny_loaded):
     off = replace(tiny_loaded, prefix_cache=None)
     prepare_prefix_cache(off, {"prefix_cache_mb": 0})
     assert build_sampler("ar", off).prefix_cache is None and build_sampler("parallel", off).prefix_cache is None
+
+
+def test_tiny_gemma_parallel_long_prompt_in_chunks_equals_ar(tiny_loaded):
+    """`parallel` takes a long uncached prompt through the decoder in `prefill_chunk` chunks before
+    its first tree forward: tokens equal AR's (greedy and seeded; prompt 5x the tiny model's
+    window, chunks of 10), the chunk forwards are counted, and the prompt's blocks it stores are
+    the right KV: a follow-up turn resumed from them equals a miss."""
+    from sampler.parallel import ParallelSampler
+
+    model, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    history = tok("user: what is a queue? model: first in, first out, like a line. " * 3)["input_ids"]
+    assert len(history) > 5 * 16
+    turn2 = history + tok(" user: and a stack?")["input_ids"]
+    cpu = torch.device("cpu")
+    for params in (GREEDY, SamplingParams(max_tokens=24, temperature=0.8, seed=5)):
+        shared = PrefixCache(64 * 2**20)
+        chunked = ParallelSampler(model, cpu, prefix_cache=shared, prefill_chunk=10)
+        done = run_to_completion(chunked, {"s": (history, params)})
+        assert done.tokens["s"] == _tokens(ARSampler(model, cpu, prefix_cache_mb=0), history, params)
+        assert done.events["s"][0].forward_passes == 1 + (len(history) - 1) // 10
+        resumed = _tokens(chunked, turn2, params)
+        assert shared.stats.hits == 1
+        assert resumed == _tokens(ParallelSampler(model, cpu), turn2, params)
